@@ -1,0 +1,57 @@
+"""easyedit-agrade: AGRADE and InstructEdit knowledge editors for EasyEdit.
+
+``import easyedit_agrade`` is cheap: EasyEdit, triton and matplotlib are imported only where used. The methods
+register into EasyEdit automatically when EasyEdit is (or later gets) imported; :func:`register` does it
+explicitly.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+
+def register(force: bool = False) -> bool:
+    """Register AGRADE and InstructEdit into EasyEdit (idempotent); False when EasyEdit is not importable."""
+    from .integration.easyedit import register as _register
+
+    return _register(force=force)
+
+
+# public name -> module that defines it (imported on first attribute access)
+_LAZY = {
+    "AGRADEHyperParams": "easyedit_agrade.models.agrade.agrade_hparams",
+    "AGRADETrainingHyperParams": "easyedit_agrade.models.agrade.agrade_hparams",
+    "apply_agrade_to_model": "easyedit_agrade.models.agrade",
+    "AGRADETrainer": "easyedit_agrade.models.agrade",
+    "InstructEditHyperParams": "easyedit_agrade.models.instructedit.instructedit_hparams",
+    "apply_instructedit_to_model": "easyedit_agrade.models.instructedit",
+    "InstructEditTrainer": "easyedit_agrade.models.instructedit",
+    "cuda_on_cpu": "easyedit_agrade.integration.cpu_compat",
+    "as_easyedit_model_name": "easyedit_agrade.integration.preloaded",
+    "PreloadedModel": "easyedit_agrade.integration.preloaded",
+    "load_model_and_tokenizer": "easyedit_agrade.lm",
+    "ensure_embedded_model": "easyedit_agrade.lm",
+    "EMBEDDED_MODEL": "easyedit_agrade.lm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'easyedit_agrade' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["__version__", "register", *_LAZY]
+
+if os.environ.get("EASYEDIT_AGRADE_NO_AUTOREGISTER", "") in ("", "0"):
+    from ._autoregister import install as _install_autoregister
+
+    _install_autoregister()

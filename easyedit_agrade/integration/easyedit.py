@@ -1,0 +1,123 @@
+"""Registration of our methods into EasyEdit — the only module that imports ``easyeditor``.
+
+Two EasyEdit generations are supported:
+
+* ``"pypi"`` — the wheel ``easyeditor==0.0.1.dev0`` (CUDA hard-coded; use :func:`..cpu_compat.cuda_on_cpu`);
+* ``"upstream"`` — a current source checkout (has ``easyeditor.util.device.normalize_device`` and the newer
+  ``BaseEditor.batch_edit(..., locality_inputs=..., portability_inputs=..., sequential_edit=...)`` signature).
+
+In both, ``easyeditor.util`` is shadowed by another ``util`` after ``import easyeditor``; modules are reached with
+``importlib.import_module("easyeditor.util.alg_dict")``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from typing import Any, Callable
+
+#: EasyEdit ``alg_name`` -> (module, executor function, trainer class) — imported only when called
+METHODS: dict[str, tuple[str, str, str]] = {
+    "AGRADE": ("easyedit_agrade.models.agrade", "apply_agrade_to_model", "AGRADETrainer"),
+    "InstructEdit": ("easyedit_agrade.models.instructedit", "apply_instructedit_to_model", "InstructEditTrainer"),
+}
+
+_lock = threading.RLock()
+_registered_with: Any = None  # the ALG_DICT object we registered into (a reloaded EasyEdit gets a fresh one)
+
+
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def easyedit_generation() -> str:
+    """``"upstream"`` for a current EasyEdit checkout, ``"pypi"`` for the 0.0.1.dev0 wheel."""
+    import importlib.util
+
+    _module("easyeditor")
+    if importlib.util.find_spec("easyeditor.util.device") is not None:
+        device_mod = _module("easyeditor.util.device")
+        if hasattr(device_mod, "normalize_device"):
+            return "upstream"
+    return "pypi"
+
+
+def _lazy_executor(alg_name: str) -> Callable[..., Any]:
+    """An ``apply_to_model`` entry that imports the real executor on first call (keeps registration cheap)."""
+    module_name, func_name, _ = METHODS[alg_name]
+
+    def apply_to_model(model, tok, requests, hparams, *args, **kwargs):
+        return getattr(_module(module_name), func_name)(model, tok, requests, hparams, *args, **kwargs)
+
+    apply_to_model.__name__ = func_name
+    apply_to_model.__qualname__ = func_name
+    apply_to_model.__doc__ = f"EasyEdit entry for {alg_name}: forwards to {module_name}.{func_name}."
+    return apply_to_model
+
+
+class _LazyTrainer:
+    """Stands in ``ALG_TRAIN_DICT`` for a trainer class; constructing it builds the real trainer."""
+
+    def __init__(self, alg_name: str) -> None:
+        self.alg_name = alg_name
+        self.module_name, _, self.class_name = METHODS[alg_name]
+
+    def resolve(self) -> type:
+        return getattr(_module(self.module_name), self.class_name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<easyedit_agrade trainer {self.module_name}.{self.class_name}>"
+
+
+def _patch_batchable(batch_editor_cls: Any) -> None:
+    """Make ``BatchEditor.is_batchable_method`` accept our methods (wrapping the original, once)."""
+    current = batch_editor_cls.is_batchable_method
+    if getattr(current, "_easyedit_agrade", False):
+        return
+
+    @functools.wraps(current)
+    def is_batchable_method(alg_name: str) -> bool:
+        return alg_name in METHODS or current(alg_name)
+
+    is_batchable_method._easyedit_agrade = True  # type: ignore[attr-defined]
+    is_batchable_method._easyedit_agrade_original = current  # type: ignore[attr-defined]
+    batch_editor_cls.is_batchable_method = staticmethod(is_batchable_method)
+
+
+def register(force: bool = False) -> bool:
+    """Add AGRADE and InstructEdit to EasyEdit's ``ALG_DICT``, ``ALG_TRAIN_DICT`` and ``BatchEditor``.
+
+    Idempotent; returns ``False`` (and changes nothing) when EasyEdit is not importable.
+    """
+    global _registered_with
+    with _lock:
+        try:
+            alg_dict_mod = _module("easyeditor.util.alg_dict")
+            train_dict_mod = _module("easyeditor.util.alg_train_dict")
+            batch_mod = _module("easyeditor.editors.batch_editor")
+        except ImportError:
+            return False
+        alg_dict = alg_dict_mod.ALG_DICT
+        if _registered_with is alg_dict and not force and all(k in alg_dict for k in METHODS):
+            return True
+        editor_mod = _module("easyeditor.editors.editor")
+        for name in METHODS:
+            entry = _lazy_executor(name)
+            alg_dict[name] = entry
+            # editor.py did `from ..util.alg_dict import *`: it holds the same dict object, checked anyway
+            getattr(editor_mod, "ALG_DICT", alg_dict)[name] = entry
+            train_dict_mod.ALG_TRAIN_DICT[name.upper()] = _LazyTrainer(name)
+        _patch_batchable(batch_mod.BatchEditor)
+        _registered_with = alg_dict
+        return True
+
+
+def is_registered() -> bool:
+    try:
+        alg_dict = _module("easyeditor.util.alg_dict").ALG_DICT
+    except ImportError:
+        return False
+    return all(k in alg_dict for k in METHODS)

@@ -1,0 +1,58 @@
+"""Hand an already-loaded model to EasyEdit's ``BaseEditor`` through ``hparams.model_name``.
+
+EasyEdit (both generations) picks the model class by substring of ``model_name`` (``'gpt'``, ``'llama'``, ...)
+and has no branch for a generic Hugging Face causal LM such as SmolLM2; its alternative, passing a
+``(model, tokenizer)`` tuple, breaks its own evaluation, which calls ``model_name.lower()``.
+
+:class:`PreloadedModel` satisfies both: it is a ``str`` (the model's name, so ``.lower()`` works), but not
+*exactly* ``str`` — so ``BaseEditor`` takes its ``self.model, self.tok = self.model_name`` branch — and iterating
+it yields the model and tokenizer, loaded on first use.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+
+class PreloadedModel(str):
+    """A model name that EasyEdit's ``BaseEditor`` unpacks into ``(model, tokenizer)``."""
+
+    _model: Any
+    _tok: Any
+    _source: str
+    _dtype: Any
+
+    def __new__(cls, name_or_path: str | os.PathLike[str], model: Any = None, tok: Any = None, *, dtype: Any = None):
+        obj = super().__new__(cls, str(name_or_path))
+        obj._source = str(name_or_path)
+        obj._model, obj._tok, obj._dtype = model, tok, dtype
+        return obj
+
+    def load(self) -> tuple[Any, Any]:
+        """Load (once) and return ``(model, tokenizer)``; the tokenizer pads on the left, as EasyEdit's
+        teacher-forced metrics assume for decoder-only models."""
+        if self._model is None or self._tok is None:
+            from ..lm import load_model_and_tokenizer
+
+            self._model, self._tok = load_model_and_tokenizer(self._source, dtype=self._dtype)
+        self._tok.padding_side = "left"
+        return self._model, self._tok
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return iter(self.load())
+
+    def __reduce__(self):  # pickles/deep-copies as the plain name (never copies the model)
+        return (PreloadedModel, (self._source,))
+
+    def __deepcopy__(self, memo: dict) -> "PreloadedModel":
+        return self  # a name is immutable; the shared model is intentional
+
+    def __copy__(self) -> "PreloadedModel":
+        return self
+
+
+def as_easyedit_model_name(name_or_path: str | os.PathLike[str], model: Any = None, tok: Any = None) -> PreloadedModel:
+    """Wrap a model alias/path (optionally with an already-loaded model and tokenizer) for ``hparams.model_name``."""
+    if isinstance(name_or_path, PreloadedModel) and model is None:
+        return name_or_path
+    return PreloadedModel(name_or_path, model, tok)

@@ -1,0 +1,138 @@
+"""Torch reference implementations of AGRADE's per-module linear algebra (the ground truth).
+
+Every function here is plain, differentiable torch code; the Triton kernels in ``triton_ops`` are tested
+against it. Shapes: ``H``, ``H_tilde`` are (T, Dh); ``grad_tilde``, ``G``, ``P`` are (T, Dg).
+Computation happens in :func:`compute_dtype` of the inputs (fp32, or fp64 when an input is fp64).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+Scalar = float | torch.Tensor
+
+# Column-panel width of the symmetric Gram: narrower panels skip more of the upper triangle but make
+# smaller GEMMs. 384 keeps every GEMM large enough to run at the machine's mm rate.
+SYMMETRIC_PANEL = 384
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 if any given tensor is fp64, else fp32 (bf16/fp16 inputs are upcast)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def as_scalar_tensor(x: Scalar, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A detached 0-d tensor on ``like``'s device (no host synchronisation for tensor inputs)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"expected a scalar, got a tensor of shape {tuple(x.shape)}")
+        return x.detach().reshape(()).to(device=like.device, dtype=dtype)
+    return torch.tensor(float(x), device=like.device, dtype=dtype)
+
+
+def row_chunks(H: torch.Tensor | Iterable[torch.Tensor], chunk_size: int) -> Iterator[torch.Tensor]:
+    """Yield (t, D) row blocks of ``H``: slices of a tensor, or the items of an iterable of row-chunks."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(H, torch.Tensor):
+        if H.dim() != 2:
+            raise ValueError(f"H must be 2-D (T, D), got shape {tuple(H.shape)}")
+        for start in range(0, max(H.shape[0], 1), chunk_size):
+            yield H[start:start + chunk_size]
+        return
+    for chunk in H:
+        if not isinstance(chunk, torch.Tensor) or chunk.dim() != 2:
+            raise ValueError("every row-chunk of H must be a 2-D tensor (t, D)")
+        yield chunk
+
+
+def gram_ref(
+    H: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    chunk_size: int = 4096,
+    lower_only: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Gram matrix HᵀH of eq 3 (without the e^λ I term), streamed over T in row-chunks.
+
+    Each chunk is cast to the compute dtype on its own (extra memory O(chunk·D)) and only the lower
+    triangle is accumulated, panel by panel (about half the FLOPs of a full product). With
+    ``lower_only`` the strict upper triangle of the result is zero, otherwise it is mirrored.
+    ``dtype`` forces the accumulation dtype (default: :func:`compute_dtype` of the first chunk).
+    """
+    acc: torch.Tensor | None = None
+    for chunk in row_chunks(H, chunk_size):
+        if acc is None:
+            dim = chunk.shape[1]
+            acc = torch.zeros(dim, dim, device=chunk.device, dtype=dtype or compute_dtype(chunk))
+        elif chunk.shape[1] != acc.shape[0]:
+            raise ValueError(f"row-chunks disagree on the width: {chunk.shape[1]} vs {acc.shape[0]}")
+        x = chunk.to(acc.dtype)
+        for start in range(0, acc.shape[0], SYMMETRIC_PANEL):
+            stop = min(start + SYMMETRIC_PANEL, acc.shape[0])
+            acc[start:, start:stop].addmm_(x[:, start:].T, x[:, start:stop])
+    if acc is None:
+        raise ValueError("H has no row-chunks; pass a (0, D) tensor for an empty H")
+    acc.tril_()
+    if not lower_only:
+        acc.add_(acc.tril(-1).T)
+    return acc
+
+
+def adjust_and_scale_ref(
+    H: torch.Tensor, H_tilde: torch.Tensor, grad_tilde: torch.Tensor, eta: Scalar
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs 1–2: c_i = −η Σ_j H_ij H̃_ij and G = c ⊙ ∇G̃ (row scaling). Returns (c (T,), G (T, Dg))."""
+    dtype = compute_dtype(H, H_tilde, grad_tilde)
+    eta_t = eta.to(dtype) if isinstance(eta, torch.Tensor) else eta
+    c = -eta_t * (H.to(dtype) * H_tilde.to(dtype)).sum(dim=1)
+    return c, c[:, None] * grad_tilde.to(dtype)
+
+
+def project_out_ref(
+    G: torch.Tensor, G_prev: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev with Frobenius inner products.
+
+    Returns (G_projected, alpha). When G_prev is None or ⟨G_prev, G_prev⟩ = 0 the result is G itself and
+    alpha = 0, decided on the device without a host synchronisation.
+    """
+    dtype = compute_dtype(G, G_prev)
+    g = G.to(dtype)
+    if G_prev is None:
+        return g, torch.zeros((), device=G.device, dtype=dtype)
+    if G_prev.shape != G.shape:
+        raise ValueError(f"G_prev shape {tuple(G_prev.shape)} does not match G shape {tuple(G.shape)}")
+    p = G_prev.to(dtype)
+    num = (g * p).sum()
+    den = (p * p).sum()
+    alpha = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return g - alpha * p, alpha
+
+
+def adjust_and_scale_backward_ref(
+    P: torch.Tensor,
+    H: torch.Tensor,
+    H_tilde: torch.Tensor,
+    grad_tilde: torch.Tensor,
+    c: torch.Tensor,
+    eta: Scalar,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cotangents of eqs 1–2 for an upstream cotangent ``P`` of G (H is data, not differentiated).
+
+    With u_i = ⟨P_i, ∇G̃_i⟩: d∇G̃_i = c_i P_i, dH̃_i = −η u_i H_i, dη = −Σ_i u_i ⟨H_i, H̃_i⟩.
+    For the eq 4 projection in between, pass the projected cotangent (the projection is self-adjoint).
+    Returns (d_H_tilde (T, Dh), d_grad_tilde (T, Dg), d_eta 0-d).
+    """
+    dtype = compute_dtype(P, H, H_tilde, grad_tilde, c)
+    eta_t = eta.to(dtype) if isinstance(eta, torch.Tensor) else eta
+    p = P.to(dtype)
+    h = H.to(dtype)
+    u = (p * grad_tilde.to(dtype)).sum(dim=1)
+    d_grad_tilde = c.to(dtype)[:, None] * p
+    d_H_tilde = (-eta_t * u)[:, None] * h
+    d_eta = -(u * (h * H_tilde.to(dtype)).sum(dim=1)).sum()
+    return d_H_tilde, d_grad_tilde, d_eta

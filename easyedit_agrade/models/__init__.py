@@ -1,0 +1,1 @@
+"""Editing methods, one folder each, laid out like EasyEdit's ``easyeditor/models/<method>/``."""
