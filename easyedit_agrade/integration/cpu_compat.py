@@ -35,6 +35,10 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = dict(kwargs or {})
+        if func is torch.device:  # constructing a device object is itself dispatched here
+            if args and (_is_cuda_device(args[0]) or args[0] == "cuda"):
+                return _CPU
+            return func(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]  # already on the CPU; ``non_blocking``/``device`` are irrelevant there
         if "device" in kwargs:

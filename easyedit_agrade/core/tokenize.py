@@ -1,0 +1,107 @@
+"""Tokenise ``prompt + target`` pairs for causal LMs with a mask on the target tokens.
+
+Shared by the editors (which cache H and ∇G on target tokens only) and the evaluator (teacher-forced token
+accuracy). The text is ``prompt + " " + target`` as in EasyEdit (no extra space when the prompt already ends
+with whitespace or the target starts with one). Target tokens are found from character offsets, so a BPE merge
+across the prompt/target boundary cannot shift the mask. Causal-LM label shift: the logit at position ``t``
+predicts token ``t + 1``; :attr:`PromptTargetBatch.predict_positions` are those ``t``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def join_prompt_target(prompt: str, target: str) -> tuple[str, int]:
+    """Return the full text and the character index where the target part (including its space) starts."""
+    if not target:
+        raise ValueError("target is empty")
+    sep = "" if (not prompt or prompt[-1].isspace() or target[0].isspace()) else " "
+    return prompt + sep + target, len(prompt)
+
+
+@dataclass
+class PromptTargetBatch:
+    """A padded batch. ``labels`` holds the token ids on target positions and -100 elsewhere."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), -100 outside targets
+    target_mask: torch.Tensor  # (B, L) bool, True on target tokens
+
+    @property
+    def predict_mask(self) -> torch.Tensor:
+        """(B, L) bool: positions whose logits predict a target token (target mask shifted left by one)."""
+        mask = torch.zeros_like(self.target_mask)
+        mask[:, :-1] = self.target_mask[:, 1:]
+        return mask
+
+    @property
+    def shifted_labels(self) -> torch.Tensor:
+        """(B, L) labels aligned with logits: position t holds the id of token t+1 (or -100)."""
+        out = torch.full_like(self.labels, -100)
+        out[:, :-1] = self.labels[:, 1:]
+        return out
+
+    def to(self, device: torch.device | str) -> "PromptTargetBatch":
+        return PromptTargetBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
+                                                          self.target_mask)))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode_prompt_target(
+    tok,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    max_length: int | None = None,
+    padding_side: str = "right",
+) -> PromptTargetBatch:
+    """Tokenise pairs; truncation (``max_length``) cuts the *prompt's start*, never the target.
+
+    Raises ``ValueError`` naming the record index when a pair is empty or the target would be cut.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows: list[tuple[list[int], list[bool]]] = []
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        if not isinstance(prompt, str) or not isinstance(target, str):
+            raise ValueError(f"record {i}: prompt and target must be strings, got {type(prompt)} / {type(target)}")
+        if not target.strip():
+            raise ValueError(f"record {i}: field 'target' is empty")
+        text, start = join_prompt_target(prompt, target)
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        is_target = [(s >= start and e > s) for s, e in offsets]
+        # a token spanning the boundary (possible only without a separating space) counts as target
+        is_target = [t or (s < start < e) for t, (s, e) in zip(is_target, offsets)]
+        if not any(is_target):
+            raise ValueError(f"record {i}: target {target!r} produced no tokens")
+        if max_length is not None and len(ids) > max_length:
+            first_target = is_target.index(True)
+            n_target = len(ids) - first_target
+            if n_target >= max_length:
+                raise ValueError(f"record {i}: target needs {n_target} tokens, more than max_length={max_length}")
+            cut = len(ids) - max_length
+            ids, is_target = ids[cut:], is_target[cut:]
+        rows.append((ids, is_target))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    target_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for b, (ids, is_target) in enumerate(rows):
+        n = len(ids)
+        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
+        attention[b, sl] = 1
+        target_mask[b, sl] = torch.tensor(is_target, dtype=torch.bool)
+    labels = torch.where(target_mask, input_ids, torch.full_like(input_ids, -100))
+    return PromptTargetBatch(input_ids, attention, labels, target_mask)

@@ -1,0 +1,95 @@
+"""Hyperparameter files: EasyEdit-like loading with errors that name the key and the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from easyedit_agrade.hparams import HyperParamsError
+from easyedit_agrade.models.agrade.agrade_hparams import AGRADEHyperParams
+from easyedit_agrade.models.instructedit.instructedit_hparams import InstructEditHyperParams
+from easyedit_agrade.paths import REPO_ROOT
+
+AGRADE_YAML = REPO_ROOT / "hparams" / "AGRADE" / "smollm2-135m.yaml"
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _base() -> dict:
+    return yaml.safe_load(AGRADE_YAML.read_text())
+
+
+def test_loads_shipped_files_and_appends_yaml():
+    hp = AGRADEHyperParams.from_hparams(str(AGRADE_YAML)[: -len(".yaml")])
+    assert hp.alg_name == "AGRADE"
+    assert hp.inner_params[0].endswith("mlp.down_proj.weight")
+    ie = InstructEditHyperParams.from_hparams(REPO_ROOT / "hparams" / "InstructEdit" / "smollm2-135m")
+    assert ie.alg_name == "InstructEdit"
+
+
+def test_scientific_notation_strings_become_floats(tmp_path):
+    cfg = _base()
+    cfg["eta_init"] = "1e-4"  # YAML 1.1 reads an unquoted 1e-4 as this string
+    hp = AGRADEHyperParams.from_hparams(_write(tmp_path, cfg))
+    assert hp.eta_init == pytest.approx(1e-4)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    cfg = _base()
+    cfg["learning_rat"] = 1.0
+    path = _write(tmp_path, cfg)
+    with pytest.raises(HyperParamsError, match=r"learning_rat") as err:
+        AGRADEHyperParams.from_hparams(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    cfg = _base()
+    del cfg["inner_params"]
+    path = _write(tmp_path, cfg)
+    with pytest.raises(HyperParamsError, match=r"missing required key\(s\) \['inner_params'\]") as err:
+        AGRADEHyperParams.from_hparams(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("batch_size", "many"), ("batch_size", 2.5), ("use_adjustment", "yes"), ("inner_params", "model.x.weight"),
+     ("eta_init", "fast"), ("preset", "rome")],
+)
+def test_wrong_type_names_key(tmp_path, key, value):
+    cfg = _base()
+    cfg[key] = value
+    path = _write(tmp_path, cfg)
+    with pytest.raises(HyperParamsError, match=repr(key)) as err:
+        AGRADEHyperParams.from_hparams(path)
+    assert str(path) in str(err.value)
+
+
+def test_wrong_alg_name(tmp_path):
+    cfg = _base()
+    cfg["alg_name"] = "ROME"
+    with pytest.raises(HyperParamsError, match="alg_name.*'ROME'.*AGRADE"):
+        AGRADEHyperParams.from_hparams(_write(tmp_path, cfg))
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist.yaml"):
+        AGRADEHyperParams.from_hparams(tmp_path / "does-not-exist")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("alg_name: [unclosed\n")
+    with pytest.raises(HyperParamsError, match="not valid YAML"):
+        AGRADEHyperParams.from_hparams(bad)
+
+
+def test_subclasses_easyedit_hyperparams_when_available(easyeditor_module):
+    import importlib
+
+    base = importlib.import_module("easyeditor.util.hparams").HyperParams
+    assert issubclass(AGRADEHyperParams, base)
+    assert issubclass(InstructEditHyperParams, base)
