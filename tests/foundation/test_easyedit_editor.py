@@ -23,8 +23,9 @@ REQUESTS = dict(
 @pytest.mark.slow
 def test_easyedit_ft_baseline_edits_embedded_model_on_cpu(easyeditor_module, embedded_model):
     model, tok = embedded_model
-    hp = easyeditor_module.FTHyperParams.from_hparams(str(REPO_ROOT / "hparams" / "FT" / "smollm2-135m"))
-    hp.model_name = PreloadedModel("smollm2-135m-instruct", model, tok)
+    from easyedit_agrade.integration.baselines import load_easyedit_hparams
+
+    hp = load_easyedit_hparams(REPO_ROOT / "hparams" / "FT" / "smollm2-135m", model=model, tok=tok)
     edited_names = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
     before = {n: model.get_parameter(n).detach().clone() for n in edited_names}
     with cuda_on_cpu():

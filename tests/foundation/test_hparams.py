@@ -93,3 +93,24 @@ def test_subclasses_easyedit_hyperparams_when_available(easyeditor_module):
     base = importlib.import_module("easyeditor.util.hparams").HyperParams
     assert issubclass(AGRADEHyperParams, base)
     assert issubclass(InstructEditHyperParams, base)
+
+
+def test_easyedit_baseline_loader_adapts_and_validates(easyeditor_module, tmp_path):
+    import dataclasses
+
+    from easyedit_agrade.integration.baselines import load_easyedit_hparams
+    from easyedit_agrade.integration.preloaded import PreloadedModel
+
+    path = REPO_ROOT / "hparams" / "FT" / "smollm2-135m.yaml"
+    hp = load_easyedit_hparams(path)
+    assert type(hp).__name__ == "FTHyperParams" and isinstance(hp.model_name, PreloadedModel)
+    has_objective = "objective_optimization" in {f.name for f in dataclasses.fields(type(hp))}
+    assert (getattr(hp, "objective_optimization", None) == "prompt_last") == has_objective
+    cfg = yaml.safe_load(path.read_text())
+    cfg["learning_rat"] = 1
+    with pytest.raises(HyperParamsError, match="learning_rat"):
+        load_easyedit_hparams(_write(tmp_path, cfg))
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["layers"]
+    with pytest.raises(HyperParamsError, match="'layers'"):
+        load_easyedit_hparams(_write(tmp_path, cfg))
