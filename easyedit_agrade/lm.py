@@ -60,8 +60,14 @@ def embedded_gguf_path() -> Path:
 
 
 def _file_fingerprint(path: Path) -> str:
+    """Identifies the GGUF file, the conversion code and the transformers major version that wrote the directory
+    (a directory saved by one major version is not guaranteed to load in another)."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
     stat = path.stat()
-    return hashlib.sha256(f"{path.name}:{stat.st_size}:{_CONVERSION_VERSION}".encode()).hexdigest()[:12]
+    key = f"{path.name}:{stat.st_size}:{_CONVERSION_VERSION}:transformers{major}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def embedded_model_dir(root: Path | None = None) -> Path:
