@@ -211,21 +211,30 @@ class RidgeFactorization:
         return (B - self._ht(self._inv(self._hx(B)))) / self._lam
 
     @torch.no_grad()
-    def lambda_grad(
-        self, g_theta: torch.Tensor, delta: torch.Tensor, projected: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def lambda_grad(self, g_theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """∂L/∂λ = −e^λ ⟨M⁻¹ g_θ, ΔW⟩ (0-d), from d/dλ of eq 5 with M of eq 3: dΔW/dλ = −e^λ M⁻¹ΔW.
 
-        Dual: e^λ M⁻¹ g_θ = g_θ − Hᵀ P with P of eq 6; pass ``projected=project(g_theta)`` to reuse it.
+        In training use :meth:`project_and_lambda_grad`, which shares the solve with eq 6.
         """
+        return self.project_and_lambda_grad(g_theta, delta)[1]
+
+    @torch.no_grad()
+    def project_and_lambda_grad(
+        self, g_theta: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P of eq 6, ∂L/∂λ) with one solve: primal X = M⁻¹g_θ gives P = HX and −e^λ⟨X, ΔW⟩; dual
+        P = K⁻¹Hg_θ gives e^λ M⁻¹g_θ = g_θ − HᵀP, so ∂L/∂λ = −⟨g_θ − HᵀP, ΔW⟩ without dividing by e^λ."""
         if self._lam is None:
             raise ValueError("lambda_grad is undefined for the unregularised factorisation (log_lambda=None)")
         g = self._rhs("g_theta", g_theta, self._H.shape[1])
         d = self._rhs("delta", delta, self._H.shape[1])
+        if d.shape != g.shape:
+            raise ValueError(f"delta shape {tuple(d.shape)} does not match g_theta shape {tuple(g.shape)}")
         if self.method == "primal":
-            return -self._lam * (self._inv(g) * d).sum()
-        P = self.project(g) if projected is None else self._rhs("projected", projected, self._H.shape[0])
-        return -((g - self._ht(P)) * d).sum()
+            X = self._inv(g)
+            return self._hx(X), -self._lam * (X * d).sum()
+        P = self._inv(self._hx(g))
+        return P, -((g - self._ht(P)) * d).sum()
 
 
 @torch.no_grad()
