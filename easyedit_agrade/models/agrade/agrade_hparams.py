@@ -1,12 +1,32 @@
-"""Hyperparameters of AGRADE (editing) — EasyEdit's ``models/<method>/<method>_hparams.py`` layout."""
+"""Hyperparameters of AGRADE — EasyEdit's ``models/<method>/<method>_hparams.py`` layout.
+
+* :class:`AGRADEHyperParams` — editing (``hparams/AGRADE/<model>.yaml``), used by ``BaseEditor``.
+* :class:`AGRADETrainingHyperParams` — training (``hparams/TRAINING/AGRADE/<model>.yaml``), used by
+  :class:`~easyedit_agrade.models.agrade.agrade_trainer.AGRADETrainer`.
+
+Method switches (the ablations of the paper's Table 2) and the ``malmen`` preset are resolved by
+:meth:`AGRADEHyperParams.switches`: ``preset: malmen`` turns off eq 4 (the only part of AGRADE that MALMEN's
+reference implementation does not already have: MALMEN also scales by c = −η⟨H, H̃⟩, solves the same ridge system
+and trains on P = H M⁻¹ g_θ; see docs/agrade.md).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Literal, Optional, Union
 
-from ...hparams import ValidatedHyperParamsMixin, hyperparams_base
+from ...hparams import HyperParamsError, ValidatedHyperParamsMixin, hyperparams_base
 
 _Base = hyperparams_base()
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The resolved method switches (after applying the preset)."""
+
+    adjustment: bool  # eqs 1–2: G = c ⊙ ∇G̃ (off: G = ∇G̃)
+    regularization: bool  # eq 3: + e^λ I (off: M = HᵀH, minimum-norm solve)
+    weight_projection: bool  # eq 4 against the previous module's G
+    gradient_projection: bool  # eq 6: P = H M⁻¹ g_θ (off: P = H g_θ)
 
 
 @dataclass
@@ -24,11 +44,11 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     model_parallel: bool = False
     #: trained hypernetwork (.safetensors); None finds the shipped archive for this model under ``archives/``
     archive: Optional[str] = None
-    #: edits applied in one solve (``BaseEditor.batch_edit`` chunks requests by this)
+    #: edits applied in one solve (``BaseEditor.batch_edit`` chunks requests by this; so does the executor)
     batch_size: int = 256
     max_length: int = 40
     #: hypernetwork shape (must match the archive)
-    rank: int = 256
+    rank: int = 128
     n_blocks: int = 2
     #: initial per-module η (eq 1) and log-regulariser λ (eq 3) before training
     eta_init: float = 1e-3
@@ -45,4 +65,73 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     cache_batch_size: int = 64
     editor_dtype: Literal["float32", "float64"] = "float32"
     kernels_backend: Optional[Literal["auto", "torch", "triton"]] = None
+    #: how ΔW enters the weights: ``auto`` (in place for fp32/fp64 weights, an fp32 hook for bf16/fp16)
+    apply_mode: Literal["auto", "inplace", "hook"] = "auto"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.cache_batch_size < 1:
+            raise HyperParamsError("batch_size and cache_batch_size must be >= 1")
+        if self.rank < 1 or self.n_blocks < 0:
+            raise HyperParamsError("rank must be >= 1 and n_blocks >= 0")
+        if not self.inner_params:
+            raise HyperParamsError("inner_params must name at least one weight")
+        # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
+        # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
+        # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.
+        if type(self.model_name) is str:
+            from ...integration.preloaded import PreloadedModel
+
+            self.model_name = PreloadedModel(self.model_name)
+
+    def switches(self) -> Switches:
+        if self.preset == "malmen":
+            return Switches(self.use_adjustment, self.use_regularization, False, self.use_gradient_projection)
+        return Switches(self.use_adjustment, self.use_regularization, self.use_weight_projection,
+                        self.use_gradient_projection)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["model_name"] = str(self.model_name)
+        return out
+
+    #: fields that change the trained network or its meaning (checked against an archive's metadata)
+    ARCHIVE_KEYS: ClassVar[tuple[str, ...]] = ("rank", "n_blocks", "inner_params", "preset", "use_adjustment",
+                                               "use_regularization", "use_weight_projection",
+                                               "use_gradient_projection")
+
+
+@dataclass
+class AGRADETrainingHyperParams(AGRADEHyperParams):
+    """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields plus these."""
+
+    #: training / validation records (a path, or relative to the shared data folder), zsRE-MEND or CounterFact-MEND
+    train_data: str = "counterfact/counterfact-train.json"
+    val_data: str = "counterfact/counterfact-val.json"
+    data_format: Literal["auto", "zsre", "counterfact"] = "auto"
+    #: validation records: ``val_start`` .. ``val_start + val_size`` of ``val_data`` (None: the last val_size)
+    val_start: Optional[int] = None
+    val_size: int = 256
+    #: edits per training step (the paper uses 8192 on an A800)
+    n_edits: int = 64
+    #: Adam learning rates: network body, η, λ
+    lr: float = 1e-4
+    eta_lr: float = 3e-5
+    lambda_lr: float = 1e-2
+    max_grad_norm: float = 1.0
+    #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts)
+    gen_coef: float = 1.0
+    edit_coef: float = 1.0
+    loc_coef: float = 1.0
+    max_steps: int = 1000
+    val_every: int = 50
+    #: early stopping: stop after ``patience`` validations without improvement of ``early_stop_key``
+    early_stop_key: Literal["score", "es", "gs", "ls", "loss"] = "score"
+    patience: int = 8
+    checkpoint_every: int = 25
+    seed: int = 0
+    #: dtype of the frozen layers below the first edited one *during training* (bf16 is ~3x faster on CPU;
+    #: H, ∇G, ΔW, the solve and the edited layers stay in editor_dtype). Editing always uses the model's dtype.
+    train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
+    #: where checkpoints go (``--out`` overrides); the best network is exported to ``<out>/best.safetensors``
+    results_dir: str = "runs/agrade"

@@ -1,0 +1,207 @@
+"""``easyedit-agrade edit``: edit a model with a file of requests and write the results.
+
+The requests file is JSON (a list, or one object) or JSONL, in one of EasyEdit's formats — zsRE MEND (``src``,
+``alt``, ``rephrase``, ``loc``, ``loc_ans``), CounterFact MEND (``prompt``, ``target_new``, ``rephrase_prompt``,
+``locality_prompt``, ``locality_ground_truth``) or KnowEdit (``prompt``, ``target_new``, ``subject``,
+``portability{...}``, ``locality{...}``); ROME-style CounterFact and MQuAKE records are read too. Every record is
+validated before anything runs: a malformed one stops the command with an error naming the record index and the
+field, and nothing is written. Results (EasyEdit's per-record ``pre``/``post`` structure plus ES/GS/LS/Editing
+Score and the pitfall metrics) are written atomically, and so is the edited model when ``--save-model`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .methods import ALL_METHODS, METHODS, MethodSpec
+
+NEEDS_SUBJECT = {"ROME", "MEMIT"}
+
+
+class UsageError(Exception):
+    """Bad input: reported on stderr with exit status 2, nothing written."""
+
+
+def build_parser(prog: str = "easyedit-agrade edit") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Edit a model with a JSON/JSONL file of requests (zsRE MEND, CounterFact MEND or KnowEdit "
+        "format) through EasyEdit's BaseEditor, and write per-record results. A malformed record stops the "
+        "command with its index and field; no file is written half-way.",
+    )
+    p.add_argument("requests", help="JSON or JSONL file of edit requests")
+    p.add_argument("--method", default="AGRADE", choices=ALL_METHODS,
+                   help="editing method (uses hparams/<METHOD>/smollm2-135m.yaml unless --hparams is given)")
+    p.add_argument("--hparams", default=None, help="hparams YAML (its alg_name picks the method)")
+    p.add_argument("--format", default="auto", choices=("auto", "zsre", "counterfact", "knowedit"),
+                   help="record format (default: detected per record)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model alias or local Hugging Face directory")
+    p.add_argument("--out", default=None, help="results JSON (default: <requests stem>.<method>.results.json)")
+    p.add_argument("--save-model", default=None, help="also save the edited model (Hugging Face directory)")
+    p.add_argument("--mode", default="auto", choices=("auto", "batch", "sequential"),
+                   help="batch: all requests in one call; sequential: one call per request (default: the method's)")
+    p.add_argument("--limit", type=int, default=None, help="edit only the first N records")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def read_requests(path: str | os.PathLike[str], fmt: str = "auto", limit: int | None = None):
+    """Parse and validate the requests file; raises :class:`UsageError` naming the record and field."""
+    from ..evaluate.records import RecordError, parse_records, read_json_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"requests file {str(path)!r} not found")
+    try:
+        raw = read_json_records(path)
+        if not isinstance(raw, list) or not raw:
+            raise UsageError(f"{path.name}: expected a non-empty list of records")
+        if limit is not None:
+            raw = raw[:limit]
+        records, cases = parse_records(raw, fmt, source=path.name)
+    except RecordError as exc:
+        raise UsageError(str(exc)) from None
+    return records, cases
+
+
+def _check_for_method(records: Sequence[Any], spec: MethodSpec, source: str) -> None:
+    if spec.alg_name not in NEEDS_SUBJECT:
+        return
+    for i, r in enumerate(records):
+        index = r.uid.rsplit(":", 1)[-1]
+        if not r.subject:
+            raise UsageError(f"{source}: record {index}: field 'subject' is required by {spec.alg_name}")
+        if r.subject not in r.prompt:
+            raise UsageError(f"{source}: record {index}: field 'subject' ({r.subject!r}) does not occur in the "
+                             f"prompt, which {spec.alg_name} requires")
+
+
+def _spec_from_args(args: argparse.Namespace) -> MethodSpec:
+    if not args.hparams:
+        return METHODS[args.method]
+    import yaml
+
+    path = Path(args.hparams)
+    if not path.is_file():
+        raise UsageError(f"hparams file {str(path)!r} not found")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    alg = config.get("alg_name")
+    if not isinstance(alg, str):
+        raise UsageError(f"{path.name}: field 'alg_name' is missing")
+    return MethodSpec(alg, alg, str(path.resolve()))
+
+
+def atomic_save_model(model: Any, tok: Any, target: Path) -> None:
+    """Save an HF model directory via a temporary sibling folder renamed into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):  # a peft wrapper (LoRA): fold the adapter into the weights
+        model = model.merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def edit_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``easyedit-agrade edit`` (returns the exit status)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        spec = _spec_from_args(args)
+        records, cases = read_requests(args.requests, args.format, args.limit)
+        _check_for_method(records, spec, Path(args.requests).name)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.requests).with_name(
+        f"{Path(args.requests).stem}.{spec.name}.results.json")
+    try:
+        result, edited, tok = _run(args, spec, records, cases)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001
+        from .runner import error_text
+
+        print(f"error: {spec.name} failed, nothing written: {error_text(exc)}", file=sys.stderr)
+        return 1
+    from .runner import _sanitize, atomic_write_text
+
+    if args.save_model:
+        atomic_save_model(edited, tok, Path(args.save_model))
+        result["saved_model"] = Path(args.save_model).name
+    atomic_write_text(out, json.dumps(_sanitize(result), indent=1, ensure_ascii=False))
+    summary = result.get("summary") or {}
+    parts = [f"{k} {summary[k]:.3f}" for k in ("ES", "GS", "LS", "Score") if summary.get(k) is not None]
+    print(f"edited {len(records)} record(s) with {spec.name} ({result['mode']}) in {result['edit_seconds']:.1f}s"
+          + (f"; {', '.join(parts)}" if parts else "") + f"; results: {out}")
+    return 0
+
+
+def _run(args: argparse.Namespace, spec: MethodSpec, records: Sequence[Any], cases: Sequence[Any]):
+    import torch
+
+    from ..evaluate.suite import Evaluator
+    from ..integration.cpu_compat import cuda_on_cpu
+    from ..lm import load_model_and_tokenizer
+    from .methods import apply_edits, diagnose, edit_mode, load_hparams, make_editor, method_context
+    from .resources import measure
+    from .runner import _quiet_easyedit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        hparams = load_hparams(spec)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise UsageError(f"hparams: {exc}") from None
+    mode, why = edit_mode(spec, hparams)
+    if args.mode != "auto":
+        mode, why = args.mode, "chosen with --mode"
+    model, tok = load_model_and_tokenizer(args.model)
+    tok.padding_side = "left"
+    evaluator = Evaluator(tok) if not args.no_eval else None
+    pre = evaluator.score(model, records, cases) if evaluator else None
+    requests = [r.to_request() for r in records]
+    notes: list[str] = []
+    log = open(os.devnull, "w")
+    try:
+        with contextlib.redirect_stdout(log), cuda_on_cpu():
+            _quiet_easyedit()
+            editor = make_editor(hparams, model, tok, args.model)
+            _quiet_easyedit()
+            with method_context(spec, editor.model, hparams, len(requests), notes), measure() as m:
+                edited = apply_edits(editor, requests, mode)
+    except Exception as exc:
+        reason = diagnose(spec, hparams, exc)
+        if reason:
+            raise RuntimeError(f"{exc} ({reason})") from exc
+        raise
+    finally:
+        log.close()
+    result: dict[str, Any] = {"method": spec.name, "alg_name": spec.alg_name, "mode": mode, "mode_reason": why,
+                              "n_edits": len(records), "requests_file": Path(args.requests).name,
+                              "model": args.model, **m.as_dict(), "notes": notes,
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if evaluator is not None:
+        with torch.no_grad():
+            post = evaluator.score(edited, records, cases)
+        result["summary"] = evaluator.summarize(records, cases, post, pre)
+        result["records"] = evaluator.per_record(records, post, pre)
+    else:
+        result["records"] = [{"case_id": r.uid, "requested_rewrite": r.to_request()} for r in records]
+    return result, edited, tok

@@ -1,0 +1,188 @@
+"""The editing methods the benchmark runs, how their hparams are loaded, and how their edits are applied.
+
+Every method runs through EasyEdit's ``BaseEditor``: the harness builds ``BaseEditor.from_hparams(hparams)`` (which
+dispatches ``alg_name`` through EasyEdit's ``ALG_DICT``, where AGRADE and InstructEdit are registered, and places
+the model) and calls the editor's ``apply_algo`` — the same call ``BaseEditor.edit``/``batch_edit`` make. It does
+not use those two loops themselves: in EasyEdit 0.0.1.dev0 they evaluate record by record and restore the original
+weights after every request (``edit``) or chunk (``batch_edit``), so N edits would never be in the model together.
+
+* **batch** — all N requests go to one ``apply_to_model`` call (the method batches internally; its ``batch_size``
+  hyperparameter keeps the meaning the method gives it: edits per solve for MEMIT/MEND, the optimiser minibatch for
+  FT/LoRA, the micro-batching of AGRADE's executor);
+* **sequential** — one ``apply_to_model`` call per request, in order, the weights kept in between (ROME is a
+  single-edit method in EasyEdit; InstructEdit edits one request at a time when its ``batch_size`` is 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import yaml
+
+from ..paths import REPO_ROOT
+
+#: where the shipped hparams live (``hparams/<METHOD>/<model>.yaml``)
+HPARAMS_DIR = REPO_ROOT / "hparams"
+MODEL_HPARAMS_NAME = "smollm2-135m"
+
+#: alg_name -> (module, hyperparameter class)
+HPARAMS_CLASSES: dict[str, tuple[str, str]] = {
+    "AGRADE": ("easyedit_agrade.models.agrade.agrade_hparams", "AGRADEHyperParams"),
+    "InstructEdit": ("easyedit_agrade.models.instructedit.instructedit_hparams", "InstructEditHyperParams"),
+    "FT": ("easyeditor", "FTHyperParams"),
+    "LoRA": ("easyeditor", "LoRAHyperParams"),
+    "MEND": ("easyeditor", "MENDHyperParams"),
+    "ROME": ("easyeditor", "ROMEHyperParams"),
+    "MEMIT": ("easyeditor", "MEMITHyperParams"),
+}
+
+#: EasyEdit's single-edit methods (its ``SingletonEditor``)
+SEQUENTIAL_ALGS = {"ROME", "KN"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A row of the benchmark: an EasyEdit ``alg_name`` with an hparams file and optional overrides."""
+
+    name: str
+    alg_name: str
+    hparams_file: str  # relative to the hparams dir
+    overrides: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+    def hparams_path(self, hparams_dir: Path | None = None) -> Path:
+        return Path(hparams_dir or HPARAMS_DIR) / self.hparams_file
+
+
+def _spec(name: str, alg: str, desc: str, overrides: tuple = (), folder: str | None = None) -> MethodSpec:
+    return MethodSpec(name, alg, f"{folder or alg}/{MODEL_HPARAMS_NAME}.yaml", overrides, desc)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "AGRADE": _spec("AGRADE", "AGRADE", "AGRADE (this plugin)"),
+    "MALMEN": _spec("MALMEN", "AGRADE", "MALMEN preset: AGRADE's hparams with `preset: malmen` (this plugin)",
+                    overrides=(("preset", "malmen"),), folder="AGRADE"),
+    "InstructEdit": _spec("InstructEdit", "InstructEdit", "InstructEdit (this plugin)"),
+    "FT": _spec("FT", "FT", "EasyEdit FT (constrained fine-tuning of one FFN layer)"),
+    "LoRA": _spec("LoRA", "LoRA", "EasyEdit LoRA (peft AdaLoRA adapter on q_proj/v_proj)"),
+    "MEND": _spec("MEND", "MEND", "EasyEdit MEND (needs a trained MEND hypernetwork)"),
+    "ROME": _spec("ROME", "ROME", "EasyEdit ROME, covariance adjustment off"),
+    "MEMIT": _spec("MEMIT", "MEMIT", "EasyEdit MEMIT, covariance adjustment off (identity covariance)"),
+}
+ALL_METHODS = tuple(METHODS)
+
+COVARIANCE_NOTE = (
+    "ROME and MEMIT run with covariance adjustment off (mom2_adjustment: false): their key covariance needs "
+    "second-moment statistics over Wikipedia, which cannot be downloaded here. ROME then uses the unwhitened key; "
+    "EasyEdit 0.0.1.dev0's MEMIT ignores the flag and always loads a covariance, so the harness gives it the "
+    "identity matrix (the MEMIT update becomes ridge-regularised least squares)."
+)
+
+
+def load_hparams(spec: MethodSpec, hparams_dir: Path | None = None, *, extra: dict | None = None) -> Any:
+    """Read the YAML, apply the spec's and ``extra`` overrides, and build the method's hyperparameter object."""
+    path = spec.hparams_path(hparams_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec.name}: hparams file {path.name!r} not found under {path.parent.name}/")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    config.update(dict(spec.overrides))
+    config.update(extra or {})
+    module, cls_name = HPARAMS_CLASSES.get(spec.alg_name, (None, None))
+    if module is None:
+        raise ValueError(f"{spec.name}: no hyperparameter class known for alg_name {spec.alg_name!r}")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if hasattr(cls, "from_dict"):  # our validated dataclasses
+        return cls.from_dict(config, source=str(path.name))
+    # EasyEdit's own classes: the integration layer handles keys that only one EasyEdit generation knows
+    from ..integration.baselines import load_easyedit_hparams
+
+    hparams = load_easyedit_hparams(path)
+    for key, value in {**dict(spec.overrides), **(extra or {})}.items():
+        setattr(hparams, key, value)
+    return hparams
+
+
+def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
+    """``("batch" | "sequential", why)`` for a method."""
+    if spec.alg_name in SEQUENTIAL_ALGS:
+        return "sequential", f"{spec.alg_name} edits one fact per call (EasyEdit's SingletonEditor)"
+    if spec.alg_name == "InstructEdit" and int(getattr(hparams, "batch_size", 1) or 1) == 1:
+        return "sequential", "InstructEdit's hparams set batch_size: 1 (one request per edit)"
+    if spec.alg_name == "LoRA":
+        return "batch", ("EasyEdit's LoRA executor trains one adapter on all requests (EasyEdit's BatchEditor "
+                         "does not list LoRA, and its per-request path would stack adapters)")
+    return "batch", f"{spec.alg_name} edits all requests in one apply_to_model call"
+
+
+@contextlib.contextmanager
+def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
+                   notes: list[str]) -> Iterator[None]:
+    """Scoped compatibility shims a baseline needs on this stack (each one named in ``notes``)."""
+    from . import compat
+
+    with contextlib.ExitStack() as stack:
+        if getattr(hparams, "_easyedit_agrade_added_model_parallel", False):
+            notes.append(f"{spec.name}: its hparams class has no model_parallel field (BaseEditor reads it): set to "
+                         "false")
+        if spec.alg_name == "MEMIT":
+            n_layers = int(model.config.num_hidden_layers)
+            stack.enter_context(compat.decoder_layers_return_tuples(model, hparams.layer_module_tmp, n_layers))
+            stack.enter_context(compat.memit_identity_covariance(model, hparams))
+            notes.append("MEMIT: decoder-layer outputs presented as tuples to EasyEdit's hooks (transformers>=4.54)")
+            notes.append("MEMIT: covariance = identity (no Wikipedia statistics; covariance adjustment off)")
+        if spec.alg_name == "LoRA":
+            steps = int(hparams.num_steps) * max(1, math.ceil(n_requests / max(int(hparams.batch_size), 1)))
+            stack.enter_context(compat.adalora_total_step(steps))
+            notes.append(f"LoRA: AdaLoraConfig given total_step={steps} (required by peft>=0.14; EasyEdit never "
+                         "calls AdaLoRA's rank re-allocation, so it has no effect on training)")
+        yield
+
+
+def diagnose(spec: MethodSpec, hparams: Any, exc: BaseException) -> str | None:
+    """A plain-language reason for known failures (shown next to the raw error)."""
+    if spec.alg_name == "MEND" and not getattr(hparams, "archive", None):
+        return ("MEND needs a trained MEND hypernetwork archive (EasyEdit's EditTrainer with MENDTrainingHparams, "
+                "on this model); none exists for SmolLM2-135M-Instruct and none can be downloaded, so EasyEdit's "
+                "executor stops with 'Training weights Needed'")
+    text = f"{type(exc).__name__}: {exc}"
+    if "archive" in text.lower() and spec.alg_name in ("AGRADE", "InstructEdit"):
+        return f"{spec.name} needs a trained hypernetwork archive for this model (`easyedit-agrade train`)"
+    if isinstance(exc, NotImplementedError):
+        return f"{spec.name} is not implemented yet in this checkout"
+    return None
+
+
+def apply_edits(editor: Any, requests: Sequence[dict], mode: str,
+                on_progress: Callable[[int], None] | None = None) -> Any:
+    """Apply ``requests`` with the editor's ``apply_algo`` (batch: one call; sequential: one call per request,
+    weights kept). Returns the edited model (LoRA returns a new peft wrapper around the same weights)."""
+    model = editor.model
+    calls = [list(requests)] if mode == "batch" else [[r] for r in requests]
+    for i, chunk in enumerate(calls):
+        model, _ = editor.apply_algo(model, editor.tok, chunk, editor.hparams, copy=False,
+                                     return_orig_weights=False, keep_original_weight=False)
+        if on_progress is not None:
+            on_progress(i + 1)
+    return model
+
+
+def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
+    """``BaseEditor`` on an already-loaded model (``hparams.model_name`` becomes a :class:`PreloadedModel`)."""
+    from ..integration.cpu_compat import cuda_on_cpu
+    from ..integration.easyedit import register
+    from ..integration.preloaded import PreloadedModel
+
+    from .compat import ensure_model_parallel_field
+
+    register()
+    if ensure_model_parallel_field(hparams):
+        hparams._easyedit_agrade_added_model_parallel = True
+    editor_mod = importlib.import_module("easyeditor.editors.editor")
+    hparams.model_name = PreloadedModel(model_alias, model, tok)
+    with cuda_on_cpu():
+        return editor_mod.BaseEditor.from_hparams(hparams)

@@ -1,0 +1,205 @@
+"""Readers for EasyEdit's edit-record formats, returning one common :class:`EditRecord`.
+
+* zsRE, MEND format (``zsre_mend_*.json``, EasyEdit's ``ZsreDataset``): ``src`` (prompt), ``alt`` (new target),
+  ``rephrase``, ``loc`` (``"nq question: …"``), ``loc_ans``; optional ``subject``, ``answers`` (old answer list),
+  ``portability``.
+* CounterFact, MEND format (``counterfact-{train,val,edit}.json``, EasyEdit's ``CounterFactDataset``):
+  ``prompt``, ``target_new``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``; optional
+  ``subject``, ``ground_truth``, ``case_id``.
+
+A malformed record raises :class:`RecordFormatError` naming the file, the record index and the field.
+No method-specific logic lives here (``dataset/`` knows no method).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+Format = Literal["auto", "zsre", "counterfact"]
+
+
+class RecordFormatError(ValueError):
+    """A record lacks a required field or has one of the wrong type; the message names index and field."""
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit: ``prompt -> target_new``, with an equivalent (``rephrase_prompt``) and an unrelated
+    (``locality_prompt -> locality_ground_truth``) probe. ``index`` is the position in the source file."""
+
+    prompt: str
+    target_new: str
+    rephrase_prompt: str | None = None
+    locality_prompt: str | None = None
+    locality_ground_truth: str | None = None
+    subject: str | None = None
+    ground_truth: str | None = None
+    case_id: Any = None
+    index: int = -1
+    source: str = ""
+
+    def to_request(self) -> dict:
+        """An EasyEdit request dict (``BaseEditor._prepare_requests`` layout)."""
+        req: dict[str, Any] = {
+            "prompt": self.prompt,
+            "target_new": self.target_new,
+            "ground_truth": self.ground_truth if self.ground_truth is not None else "<|endoftext|>",
+            "portability": {},
+            "locality": {},
+        }
+        if self.subject is not None:
+            req["subject"] = self.subject
+        if self.rephrase_prompt is not None:
+            req["rephrase_prompt"] = self.rephrase_prompt
+        if self.locality_prompt is not None and self.locality_ground_truth is not None:
+            req["locality"] = {"neighborhood": {"prompt": self.locality_prompt,
+                                                "ground_truth": self.locality_ground_truth}}
+        return req
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _text(rec: dict, field: str, i: int, src: str, required: bool = True) -> str | None:
+    value = rec.get(field)
+    if value is None:
+        if required:
+            raise RecordFormatError(f"{src}: record {i}: missing field {field!r}")
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]
+    if not isinstance(value, str):
+        raise RecordFormatError(f"{src}: record {i}: field {field!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RecordFormatError(f"{src}: record {i}: field {field!r} is empty")
+    return value
+
+
+def parse_zsre_record(rec: Any, i: int, src: str = "<zsre>") -> EditRecord:
+    if not isinstance(rec, dict):
+        raise RecordFormatError(f"{src}: record {i}: expected an object, got {type(rec).__name__}")
+    answers = rec.get("answers")
+    gt = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], str) else None
+    return EditRecord(
+        prompt=_text(rec, "src", i, src),  # type: ignore[arg-type]
+        target_new=_text(rec, "alt", i, src),  # type: ignore[arg-type]
+        rephrase_prompt=_text(rec, "rephrase", i, src),
+        locality_prompt=_text(rec, "loc", i, src),
+        locality_ground_truth=_text(rec, "loc_ans", i, src),
+        subject=_text(rec, "subject", i, src, required=False),
+        ground_truth=gt,
+        case_id=rec.get("case_id", i),
+        index=i,
+        source=src,
+    )
+
+
+def parse_counterfact_record(rec: Any, i: int, src: str = "<counterfact>") -> EditRecord:
+    if not isinstance(rec, dict):
+        raise RecordFormatError(f"{src}: record {i}: expected an object, got {type(rec).__name__}")
+    return EditRecord(
+        prompt=_text(rec, "prompt", i, src),  # type: ignore[arg-type]
+        target_new=_text(rec, "target_new", i, src),  # type: ignore[arg-type]
+        rephrase_prompt=_text(rec, "rephrase_prompt", i, src),
+        locality_prompt=_text(rec, "locality_prompt", i, src),
+        locality_ground_truth=_text(rec, "locality_ground_truth", i, src),
+        subject=_text(rec, "subject", i, src, required=False),
+        ground_truth=_text(rec, "ground_truth", i, src, required=False),
+        case_id=rec.get("case_id", i),
+        index=i,
+        source=src,
+    )
+
+
+def detect_format(records: Sequence[Any]) -> str:
+    """``"zsre"`` if the first record has ``src``/``alt``, ``"counterfact"`` if it has ``prompt``/``target_new``."""
+    if not records or not isinstance(records[0], dict):
+        raise RecordFormatError("cannot detect the record format of an empty or non-object list")
+    first = records[0]
+    if "src" in first and "alt" in first:
+        return "zsre"
+    if "prompt" in first and "target_new" in first:
+        return "counterfact"
+    raise RecordFormatError(f"record 0 matches neither zsRE (src, alt) nor CounterFact (prompt, target_new): "
+                            f"fields {sorted(first)}")
+
+
+def parse_records(raw: Sequence[Any], fmt: Format = "auto", *, source: str = "<records>",
+                  start: int = 0, limit: int | None = None, skip_invalid: bool = False) -> list[EditRecord]:
+    """Parse raw JSON records (``raw[start:start+limit]``); indices in errors/records are file positions.
+
+    ``skip_invalid=True`` drops malformed records (e.g. the few zsRE train records with an empty ``alt``) with
+    one ``UserWarning`` naming how many and the first error, instead of raising.
+    """
+    if not isinstance(raw, list):
+        raise RecordFormatError(f"{source}: expected a JSON list of records, got {type(raw).__name__}")
+    kind = detect_format(raw) if fmt == "auto" else fmt
+    parse = {"zsre": parse_zsre_record, "counterfact": parse_counterfact_record}.get(kind)
+    if parse is None:
+        raise ValueError(f"unknown record format {fmt!r}; expected 'auto', 'zsre' or 'counterfact'")
+    stop = len(raw) if limit is None else min(len(raw), start + limit)
+    if not skip_invalid:
+        return [parse(raw[i], i, source) for i in range(start, stop)]
+    out, errors = [], []
+    for i in range(start, stop):
+        try:
+            out.append(parse(raw[i], i, source))
+        except RecordFormatError as exc:
+            errors.append(str(exc))
+    if errors:
+        import warnings
+
+        warnings.warn(f"{source}: skipped {len(errors)} malformed record(s), first: {errors[0]}", UserWarning,
+                      stacklevel=2)
+    return out
+
+
+def read_records(path: str | os.PathLike[str], fmt: Format = "auto", *, start: int = 0,
+                 limit: int | None = None, skip_invalid: bool = False) -> list[EditRecord]:
+    """Read a JSON file of zsRE-MEND or CounterFact-MEND records (``fmt="auto"`` detects which)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    return parse_records(raw, fmt, source=path.name, start=start, limit=limit, skip_invalid=skip_invalid)
+
+
+def read_zsre_mend(path: str | os.PathLike[str], *, start: int = 0, limit: int | None = None,
+                   skip_invalid: bool = False) -> list[EditRecord]:
+    return read_records(path, "zsre", start=start, limit=limit, skip_invalid=skip_invalid)
+
+
+def read_counterfact_mend(path: str | os.PathLike[str], *, start: int = 0, limit: int | None = None,
+                          skip_invalid: bool = False) -> list[EditRecord]:
+    return read_records(path, "counterfact", start=start, limit=limit, skip_invalid=skip_invalid)
+
+
+def records_from_requests(requests: Sequence[dict]) -> list[EditRecord]:
+    """EasyEdit request dicts (``prompt``, ``target_new``, optional ``rephrase_prompt``, ``locality``) -> records."""
+    out = []
+    for i, req in enumerate(requests):
+        if not isinstance(req, dict):
+            raise RecordFormatError(f"request {i}: expected a dict, got {type(req).__name__}")
+        for key in ("prompt", "target_new"):
+            if not isinstance(req.get(key), str) or not req[key].strip():
+                raise RecordFormatError(f"request {i}: field {key!r} is missing or empty")
+        loc_p = loc_a = None
+        loc = req.get("locality") or {}
+        if isinstance(loc, dict) and loc:
+            first = next(iter(loc.values()))
+            if isinstance(first, dict):
+                loc_p, loc_a = first.get("prompt"), first.get("ground_truth")
+                if isinstance(loc_p, list):
+                    loc_p = loc_p[0] if loc_p else None
+                if isinstance(loc_a, list):
+                    loc_a = loc_a[0] if loc_a else None
+        reph = req.get("rephrase_prompt")
+        if isinstance(reph, list):
+            reph = reph[0] if reph else None
+        out.append(EditRecord(prompt=req["prompt"], target_new=req["target_new"], rephrase_prompt=reph,
+                              locality_prompt=loc_p, locality_ground_truth=loc_a, subject=req.get("subject"),
+                              ground_truth=req.get("ground_truth"), case_id=req.get("case_id", i), index=i,
+                              source="<requests>"))
+    return out

@@ -1,0 +1,378 @@
+"""Training of the AGRADE hypernetwork (eqs 6–7) — ``AGRADETrainer`` (EasyEdit-style) and ``train_main``.
+
+One training step on ``n_edits`` records:
+
+1. the layers below the first edited one run once, without grad, for the edit, equivalent and unrelated prompts;
+2. cache pass on the edit prompts (summed CE) → H, ∇G per module; the normaliser observes them (train mode only);
+3. ΔW per module without grad (eqs 1–5, :class:`~.editor.AGRADEEditor`);
+4. unedited reference distributions on the unrelated prompts (upper layers only, no grad);
+5. ΔW applied; L = gen_coef·CE(equivalent) + edit_coef·CE(edit) + loc_coef·KL(unedited ‖ edited on unrelated)
+   backpropagated **once** through the upper layers into the edited weights → g_θ = ∂L/∂ΔW; weights restored;
+6. per module: P = H M⁻¹ g_θ (eq 6, same factorisation as the edit), ∂L/∂λ = −e^λ⟨M⁻¹g_θ, ΔW⟩, and the
+   surrogate L_AGRADE = Σ P ⊙ G (eq 7) with G recomputed with grad (eqs 1, 2, 4) → hypernetwork and η grads;
+7. gradient clipping, Adam step (separate groups and rates for the body, η and λ).
+
+Validation every ``val_every`` steps edits ``val_size`` held-out records in one batch and reports ES/GS/LS/Score
+(teacher-forced) — the best network is exported to ``<out>/best.safetensors``; early stopping on
+``early_stop_key``. Checkpoints (safetensors + JSON, atomic) every ``checkpoint_every`` steps; ``--resume``
+continues from ``<out>/latest.json`` to the same result as an uninterrupted run (data order is a pure function of
+seed and step; no other randomness is used).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...core.cache import grad_only_for
+from ...core.checkpoint import (latest_checkpoint, load_training_checkpoint, save_json,
+                                save_training_checkpoint)
+from ...core.weights import apply_deltas, restore_weights, weight_grad_to_editor_layout
+from ...dataset.readers import EditRecord, read_records, records_from_requests
+from . import equations as eq
+from .agrade_eval import Probes, build_probes, evaluate_records, harmonic_mean, per_record_mean
+from .agrade_hparams import AGRADETrainingHyperParams
+from .archive import build_networks, save_archive
+from .editor import AGRADEEditor, MicroBatch
+
+
+def _resolve_data(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    from ...paths import data_file
+
+    return data_file(path)
+
+
+def as_records(data: Any, fmt: str = "auto") -> list[EditRecord]:
+    """Records from a path, a list of :class:`EditRecord`, a list of EasyEdit request dicts, or an EasyEdit
+    dataset object (``ZsreDataset``/``CounterFactDataset``, whose ``_data`` holds request-like dicts)."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_records(_resolve_data(str(data)), fmt, skip_invalid=True)  # type: ignore[arg-type]
+    if hasattr(data, "_data") and not isinstance(data, list):
+        data = list(data._data)
+    data = list(data)
+    if data and isinstance(data[0], EditRecord):
+        return data
+    reqs = []
+    for d in data:
+        if "locality" not in d and "locality_prompt" in d:
+            d = dict(d, locality={"neighborhood": {"prompt": d["locality_prompt"],
+                                                   "ground_truth": d["locality_ground_truth"]}})
+        reqs.append(d)
+    return records_from_requests(reqs)
+
+
+class AGRADETrainer:
+    """EasyEdit-style trainer: ``AGRADETrainer(config, train_set, val_set).run()``.
+
+    ``config`` is an :class:`AGRADETrainingHyperParams`; ``train_set``/``val_set`` are anything
+    :func:`as_records` accepts (None: the paths in the config). ``model``/``tok`` may be passed to reuse a loaded
+    model. ``out_dir`` overrides ``config.results_dir``.
+    """
+
+    def __init__(self, config: AGRADETrainingHyperParams, train_set: Any = None, val_set: Any = None, *,
+                 model=None, tok=None, out_dir: str | os.PathLike[str] | None = None, resume: bool = False,
+                 max_steps: int | None = None, progress: bool = True, log=print) -> None:
+        self.config = config
+        self.out = Path(out_dir or config.results_dir)
+        self.resume = resume
+        self.max_steps = int(max_steps if max_steps is not None else config.max_steps)
+        self.progress = progress
+        self.log = log
+        if model is None or tok is None:
+            from ...lm import load_model_and_tokenizer
+
+            dtype = torch.float64 if config.editor_dtype == "float64" else None
+            model, tok = load_model_and_tokenizer(str(config.model_name), dtype=dtype)
+        self.model, self.tok = model, tok
+        self.model.eval()
+        self.train_records = as_records(train_set if train_set is not None else config.train_data, config.data_format)
+        val_all = as_records(val_set if val_set is not None else config.val_data, config.data_format)
+        if config.val_start is None:
+            self.val_records = val_all[-config.val_size:]
+        else:
+            self.val_records = val_all[config.val_start:config.val_start + config.val_size]
+        if len(self.train_records) < config.n_edits:
+            raise ValueError(f"{len(self.train_records)} training records < n_edits={config.n_edits}")
+        self.nets = build_networks(model, config, seed=config.seed)
+        dtype = torch.float64 if config.editor_dtype == "float64" else torch.float32
+        self.nets.to(dtype=dtype, device=next(model.parameters()).device)
+        self.nets.train()
+        self.editor = AGRADEEditor(model, tok, config, self.nets)
+        if config.train_lower_dtype:
+            self.editor.use_lower_dtype(getattr(torch, config.train_lower_dtype))
+        self.opt = torch.optim.Adam(self.nets.param_groups(config.lr, config.eta_lr, config.lambda_lr))
+        self.step = 0
+        self.state: dict[str, Any] = {"best": None, "best_step": None, "bad_evals": 0, "history": [],
+                                      "train_wall_s": 0.0, "stopped_early": False}
+        self._val_probes: Probes | None = None
+
+    # -- data --------------------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        """Record indices of training step ``step`` (0-based): a pure function of (seed, step)."""
+        n, k = len(self.train_records), self.config.n_edits
+        per_epoch = n // k
+        epoch, b = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        return perm[b * k:(b + 1) * k].tolist()
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _edited_loss(self, mbs: Sequence[MicroBatch], n_tokens: int, coef: float, n: int,
+                     ref: Sequence[torch.Tensor] | None = None) -> tuple[float, float]:
+        """Backward coef·mean-token loss over ``mbs`` (CE, or KL to ``ref`` log-probs); returns (loss, metric)."""
+        total, vals, rows = 0.0, [], []
+        for i, mb in enumerate(mbs):
+            logits = self.editor.stack.upper(mb.hidden, mb.input_ids, mb.attention_mask, mb.predict_mask)
+            logp = torch.log_softmax(logits.to(self.editor.dtype), -1)
+            if ref is None:
+                loss = F.nll_loss(logp, mb.target_labels, reduction="sum")
+                vals.append((logits.argmax(-1) == mb.target_labels).double().detach())
+            else:
+                loss = (ref[i].exp() * (ref[i] - logp)).sum()
+                vals.append((logits.argmax(-1) == ref[i].argmax(-1)).double().detach())
+            rows.append(mb.rows)
+            if coef != 0.0:
+                (loss * (coef / n_tokens)).backward()
+            total += float(loss.detach())
+        metric = per_record_mean(torch.cat(vals), torch.cat(rows), n)
+        metric = metric[~torch.isnan(metric)]
+        return total / max(n_tokens, 1), float(metric.mean()) if metric.numel() else float("nan")
+
+    def train_step(self, records: Sequence[EditRecord]) -> dict[str, float]:
+        """One optimisation step: :meth:`compute_gradients`, clipping, Adam."""
+        stats = self.compute_gradients(records)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                                   self.config.max_grad_norm)
+        self.opt.step()
+        stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    def compute_gradients(self, records: Sequence[EditRecord]) -> dict[str, float]:
+        """Steps 1–6 of the module docstring: leaves ∂L/∂(network parameters, η, λ) in ``.grad``."""
+        cfg, ed, sw = self.config, self.editor, self.editor.switches
+        probes = build_probes(ed, records)
+        # 2. cache pass, normaliser update (training mode only)
+        cache = ed.cache(probes.edit)
+        for name in ed.stack.module_names:
+            self.nets.observe(name, *cache.get(name))
+        # 3. ΔW without grad
+        result = ed.compute(cache)
+        # 4. unedited reference on unrelated prompts
+        with torch.no_grad():
+            ref = [torch.log_softmax(ed.stack.upper(mb.hidden, mb.input_ids, mb.attention_mask,
+                                                    mb.predict_mask).to(ed.dtype), -1) for mb in probes.loc]
+        # 5. apply, one backward through the upper layers into the edited weights
+        weights_copy = apply_deltas(self.model, result.deltas, mode="inplace")
+        modules = ed.stack.modules()
+        params = [m.weight for m in modules.values()]
+        try:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad(), grad_only_for(self.model, params):
+                n_tok = lambda mbs: int(sum(int(mb.predict_mask.sum()) for mb in mbs))  # noqa: E731
+                gen_loss, gs = self._edited_loss(probes.equiv, n_tok(probes.equiv), cfg.gen_coef, probes.n)
+                edit_loss, es = self._edited_loss(probes.edit, n_tok(probes.edit), cfg.edit_coef, probes.n)
+                loc_loss, ls = self._edited_loss(probes.loc, n_tok(probes.loc), cfg.loc_coef, probes.n, ref=ref)
+            g_theta = {n: weight_grad_to_editor_layout(m, m.weight.grad).to(ed.dtype) for n, m in modules.items()}
+        finally:
+            for p in params:
+                p.grad = None
+            restore_weights(self.model, weights_copy)
+        # 6. surrogate (eq 7) and λ gradient per module
+        self.opt.zero_grad(set_to_none=True)
+        surrogate_total = 0.0
+        for me in result.modules:
+            g = g_theta[me.name]
+            P, lam_grad = eq.eq6_and_lambda_gradient(me.fact, me.H, g, me.delta,
+                                                     use_gradient_projection=sw.gradient_projection,
+                                                     regularization=sw.regularization)
+            if lam_grad is not None:
+                slot = self.nets.slot(me.name)
+                ll = self.nets.nets[slot.group].log_lambda
+                if ll.grad is None:
+                    ll.grad = torch.zeros_like(ll)
+                ll.grad[slot.index] += lam_grad.to(ll.dtype)
+            with torch.enable_grad():
+                G = ed.module_G(me.name, me.H, me.grad, me.G_prev)
+                surrogate = eq.eq7_surrogate_loss(P, G)
+                surrogate.backward()
+            surrogate_total += float(surrogate.detach())
+        return {"gen_loss": gen_loss, "edit_loss": edit_loss, "loc_loss": loc_loss,
+                "loss": cfg.gen_coef * gen_loss + cfg.edit_coef * edit_loss + cfg.loc_coef * loc_loss,
+                "surrogate": surrogate_total, "es": es, "gs": gs, "ls": ls, "score": harmonic_mean(es, gs, ls),
+                "cache_loss": result.cache_loss, "tokens": float(result.n_tokens)}
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        self.nets.eval()
+        try:
+            if self._val_probes is None:
+                self._val_probes = build_probes(self.editor, self.val_records)
+            out = evaluate_records(self.editor, self.val_records, pre=False, probes=self._val_probes)
+        finally:
+            self.nets.train()
+        out["loss"] = -out["score"]  # placeholder key for early_stop_key=loss compat: lower is better
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"alg_name": "AGRADE", "config": _jsonable(self.config.to_dict())}
+
+    def save_checkpoint(self) -> Path:
+        return save_training_checkpoint(self.out / "checkpoints", self.step, self.nets.state_dict(),
+                                        self.opt.state_dict(), dict(self.state), model_metadata=self._meta())
+
+    def load_checkpoint(self) -> bool:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            return False
+        model_state, _meta, opt_state, state = load_training_checkpoint(path)
+        self.nets.load_state_dict(model_state, strict=True)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.step = int(state.pop("step"))
+        self.state.update(state)
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def export_best(self, metrics: dict[str, float]) -> None:
+        training = {"step": self.step, "seed": self.config.seed, "n_edits": self.config.n_edits,
+                    "train_data": self.config.train_data, "val_data": self.config.val_data,
+                    "val_size": len(self.val_records), "metrics": metrics,
+                    "train_wall_s": self.state["train_wall_s"]}
+        save_archive(self.out / "best.safetensors", self.nets, self.model, self.config, training)
+        save_json(self.out / "best.json", training)
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_json(self.out / "config.json", _jsonable(cfg.to_dict()))
+        if self.resume:
+            self.load_checkpoint()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="AGRADE train", dynamic_ncols=True,
+                       mininterval=5.0)
+        key = cfg.early_stop_key
+        while self.step < self.max_steps and not self.state["stopped_early"]:
+            t0 = time.perf_counter()
+            idx = self.batch_indices(self.step)
+            stats = self.train_step([self.train_records[i] for i in idx])
+            self.step += 1
+            self.state["train_wall_s"] += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", es=f"{stats['es']:.2f}", gs=f"{stats['gs']:.2f}",
+                                ls=f"{stats['ls']:.2f}")
+            if self.step % 10 == 0 or self.step == 1:
+                self.log(json.dumps({"step": self.step, "train": _round(stats),
+                                     "wall_s": round(self.state["train_wall_s"], 1)}))
+            if cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps):
+                val = self.validate()
+                value = val[key] if key != "loss" else val["loss"]
+                better_is_higher = key != "loss"
+                best = self.state["best"]
+                improved = best is None or (value > best if better_is_higher else value < best)
+                entry = {"step": self.step, "val": _round(val), "wall_s": round(self.state["train_wall_s"], 1),
+                         "eta": _round({k: v["eta"] for k, v in self.nets.per_module_scalars().items()}),
+                         "log_lambda": _round({k: v["log_lambda"]
+                                               for k, v in self.nets.per_module_scalars().items()})}
+                self.state["history"].append(entry)
+                self.log(json.dumps(entry))
+                if improved:
+                    self.state.update(best=value, best_step=self.step, bad_evals=0)
+                    self.export_best(_round(val))
+                else:
+                    self.state["bad_evals"] += 1
+                    if self.state["bad_evals"] >= cfg.patience:
+                        self.state["stopped_early"] = True
+                        self.log(f"early stopping at step {self.step}: no {key} improvement in {cfg.patience} "
+                                 "validations")
+            if cfg.checkpoint_every > 0 and (self.step % cfg.checkpoint_every == 0 or self.step == self.max_steps
+                                             or self.state["stopped_early"]):
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return {"step": self.step, **{k: self.state[k] for k in ("best", "best_step", "stopped_early")}}
+
+
+def _round(d: dict[str, float]) -> dict[str, float]:
+    return {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="easyedit-agrade train",
+                                description="Train an AGRADE hypernetwork (resumable; see docs/agrade.md).")
+    p.add_argument("config", help="training hparams YAML, e.g. hparams/TRAINING/AGRADE/smollm2-135m.yaml")
+    p.add_argument("--out", help="output folder for checkpoints and best.safetensors (default: results_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest.json")
+    p.add_argument("--max-steps", type=int, help="override max_steps")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--n-edits", type=int, help="override n_edits (edits per step)")
+    p.add_argument("--val-every", type=int, help="override val_every")
+    p.add_argument("--preset", choices=["agrade", "malmen"], help="override preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any hparam (YAML value), e.g. --set use_weight_projection=false")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def load_training_config(path: str, overrides: dict[str, Any]) -> AGRADETrainingHyperParams:
+    import yaml
+
+    p = path if path.endswith((".yaml", ".yml")) else path + ".yaml"
+    with open(p, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    raw.update(overrides)
+    return AGRADETrainingHyperParams.from_dict(raw, source=p)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``easyedit-agrade train``; returns a process exit code."""
+    import yaml
+
+    args = build_arg_parser().parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            print(f"--set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    for k, v in (("max_steps", args.max_steps), ("seed", args.seed), ("n_edits", args.n_edits),
+                 ("val_every", args.val_every), ("preset", args.preset)):
+        if v is not None:
+            overrides[k] = v
+    cfg = load_training_config(args.config, overrides)
+    out = args.out or cfg.results_dir
+    trainer = AGRADETrainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress,
+                            log=lambda s: print(s, flush=True))
+    t0 = time.time()
+    summary = trainer.run()
+    summary["wall_s_this_run"] = round(time.time() - t0, 1)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(train_main())

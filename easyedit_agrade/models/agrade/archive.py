@@ -1,0 +1,172 @@
+"""Trained AGRADE hypernetwork archives: build, save, find, load and fingerprint-check.
+
+An archive is one ``.safetensors`` file: the :class:`~easyedit_agrade.core.hypernet.EditorNetworks` state dict,
+with JSON metadata (``format``, ``alg_name``, the model fingerprint — architecture plus a SHA-256 of the edited
+weights — the hyperparameters that shape or change the network, the module list, and training facts).
+
+``archive: null`` in the editing YAML means "the shipped archive": every ``archives/*.safetensors`` under the
+repository root is checked and the one whose model fingerprint and hyperparameters match is used. A mismatch is an
+:class:`ArchiveMismatchError` that says what differs and how to retrain.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.checkpoint import load_tensors, read_metadata, save_tensors
+from ...core.hypernet import EditorNetworks
+from ...core.weights import get_module, module_name_of_param, io_sizes
+from ...paths import REPO_ROOT
+from .agrade_hparams import AGRADEHyperParams
+
+FORMAT = "easyedit_agrade.agrade/1"
+ARCHIVES_DIR = REPO_ROOT / "archives"
+RETRAIN_HINT = ("train a matching archive with `easyedit-agrade train hparams/TRAINING/AGRADE/<model>.yaml --out "
+                "runs/agrade-<model>` and point `archive:` in the editing YAML at its best.safetensors")
+
+
+class ArchiveNotFoundError(FileNotFoundError):
+    """No trained hypernetwork archive for this model and hyperparameters."""
+
+
+class ArchiveMismatchError(ValueError):
+    """The archive was trained for another model or with other hyperparameters."""
+
+
+def model_fingerprint(model: nn.Module, inner_params: list[str]) -> dict[str, str]:
+    """``{"architecture": …, "weights": …}``: the architecture fingerprint of :func:`easyedit_agrade.lm.model_fingerprint`
+    and a SHA-256 (first 16 hex digits) of the edited weights' bytes (fp32)."""
+    from ...lm import model_fingerprint as arch_fp
+
+    h = hashlib.sha256()
+    for p in inner_params:
+        w = get_module(model, module_name_of_param(p)).weight.detach().to("cpu", torch.float32).contiguous()
+        h.update(p.encode())
+        h.update(w.numpy().tobytes())
+    return {"architecture": arch_fp(model), "weights": h.hexdigest()[:16]}
+
+
+def archive_hparams(hparams: AGRADEHyperParams) -> dict[str, Any]:
+    return {k: getattr(hparams, k) for k in AGRADEHyperParams.ARCHIVE_KEYS}
+
+
+def build_networks(model: nn.Module, hparams: AGRADEHyperParams, seed: int = 0) -> EditorNetworks:
+    """A fresh (untrained) network for ``hparams.inner_params`` of ``model`` (layer order)."""
+    from ...core.cache import LayerStack
+
+    stack = LayerStack(model, list(hparams.inner_params))
+    nets = EditorNetworks(stack.sizes(), rank=hparams.rank, n_blocks=hparams.n_blocks, lr_init=hparams.eta_init,
+                          log_lambda_init=hparams.log_lambda_init, seed=seed)
+    return nets
+
+
+def save_archive(path: str | os.PathLike[str], nets: EditorNetworks, model: nn.Module, hparams: AGRADEHyperParams,
+                 training: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> None:
+    meta = {
+        "format": FORMAT,
+        "alg_name": "AGRADE",
+        "model_name": str(hparams.model_name),
+        "fingerprint": model_fingerprint(model, list(hparams.inner_params)),
+        "hparams": archive_hparams(hparams),
+        "networks": nets.config,
+        "training": training or {},
+    }
+    tensors = {k: (v.to(dtype) if v.is_floating_point() and k.split(".")[-1] != "count" else v)
+               for k, v in nets.state_dict().items()}
+    save_tensors(path, tensors, meta)
+
+
+def _check(meta: dict, model: nn.Module, hparams: AGRADEHyperParams, path: Path) -> list[str]:
+    problems = []
+    if meta.get("format") != FORMAT or meta.get("alg_name") != "AGRADE":
+        return [f"{path.name} is not an AGRADE archive (format {meta.get('format')!r})"]
+    fp = model_fingerprint(model, list(hparams.inner_params))
+    want = meta.get("fingerprint", {})
+    if want.get("architecture") != fp["architecture"]:
+        problems.append(f"model architecture fingerprint {fp['architecture']} != archive's {want.get('architecture')} "
+                        f"(trained for {meta.get('model_name')!r})")
+    elif want.get("weights") != fp["weights"]:
+        problems.append(f"edited weights' fingerprint {fp['weights']} != archive's {want.get('weights')} (same "
+                        f"architecture, different weights than {meta.get('model_name')!r})")
+    mine = archive_hparams(hparams)
+    theirs = meta.get("hparams", {})
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            problems.append(f"hparam {key}={value!r} but the archive was trained with {theirs.get(key)!r}")
+    return problems
+
+
+def find_archive(model: nn.Module, hparams: AGRADEHyperParams, folder: Path | None = None) -> Path:
+    """The archive to use: ``hparams.archive`` if set (checked), else the matching one in ``archives/``."""
+    if hparams.archive:
+        path = Path(hparams.archive).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        if not path.is_file():
+            raise ArchiveNotFoundError(f"AGRADE archive {hparams.archive!r} does not exist; {RETRAIN_HINT}")
+        problems = _check(read_metadata(path), model, hparams, path)
+        if problems:
+            raise ArchiveMismatchError(f"AGRADE archive {path.name} does not match: " + "; ".join(problems)
+                                       + f". Either fix the hparams or {RETRAIN_HINT}")
+        return path
+    folder = folder or ARCHIVES_DIR
+    candidates = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    reasons = []
+    for path in candidates:
+        try:
+            meta = read_metadata(path)
+        except Exception as exc:  # unreadable file: report, keep looking
+            reasons.append(f"{path.name}: unreadable ({exc})")
+            continue
+        if meta.get("alg_name") != "AGRADE":
+            continue
+        problems = _check(meta, model, hparams, path)
+        if not problems:
+            return path
+        reasons.append(f"{path.name}: " + "; ".join(problems))
+    detail = (" Candidates checked: " + " | ".join(reasons) + ".") if reasons else " No AGRADE archive was found."
+    raise ArchiveNotFoundError(f"no trained AGRADE archive in {folder} matches this model and hparams "
+                               f"(model {str(hparams.model_name)!r}, inner_params {list(hparams.inner_params)}).{detail} "
+                               f"Set `archive:` in the hparams YAML, or {RETRAIN_HINT}")
+
+
+def load_networks(path: str | os.PathLike[str], model: nn.Module, hparams: AGRADEHyperParams,
+                  dtype: torch.dtype = torch.float32) -> EditorNetworks:
+    """Build the network for ``hparams`` and load the archive's weights into it (eval mode, frozen)."""
+    tensors, meta = load_tensors(path)
+    problems = _check(meta, model, hparams, Path(path))
+    if problems:
+        raise ArchiveMismatchError(f"AGRADE archive {Path(path).name} does not match: " + "; ".join(problems)
+                                   + f". {RETRAIN_HINT}")
+    nets = build_networks(model, hparams)
+    nets.load_state_dict(tensors, strict=True)
+    nets.to(dtype=dtype)
+    nets.eval()
+    for p in nets.parameters():
+        p.requires_grad_(False)
+    return nets
+
+
+def io_sizes_of(model: nn.Module, param: str) -> tuple[int, int]:
+    return io_sizes(get_module(model, module_name_of_param(param)))
+
+
+def export_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], extra: dict[str, Any] | None = None,
+                   dtype: torch.dtype | None = None) -> dict:
+    """Copy a trained archive (e.g. ``<out>/best.safetensors``) to ``dst`` (atomically), merging ``extra`` into its
+    ``training`` metadata (reproduce command, wall time, …); ``dtype`` optionally casts floating tensors (the
+    normaliser's ``count`` stays fp64). Returns the new metadata."""
+    tensors, meta = load_tensors(src)
+    if meta.get("format") != FORMAT:
+        raise ArchiveMismatchError(f"{src} is not an AGRADE archive")
+    meta.setdefault("training", {}).update(extra or {})
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("count") else v)
+                   for k, v in tensors.items()}
+    save_tensors(dst, tensors, meta)
+    return meta

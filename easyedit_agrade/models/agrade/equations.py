@@ -1,0 +1,97 @@
+"""AGRADE's equations, one function each (numbers as in the paper "Editing Large Language Models via Adaptive
+Gradient Guidance").
+
+Shapes: H, H̃ (T, Dh); ∇G, ∇G̃, G, P (T, Dg); ΔW and g_θ (Dh, Dg) in the *editor layout*
+(``output += input @ ΔW``; see :mod:`easyedit_agrade.core.weights` for nn.Linear / Conv1D).
+
+Eqs 1, 2, 4 and 7 are plain differentiable torch (the trainer backpropagates through them into the
+hypernetwork); eqs 3, 5 and 6 and the λ gradient go through the solver of :mod:`easyedit_agrade.kernels`
+(a checked Cholesky factorisation, primal or dual/Woodbury, with an fp64 and jitter fallback; never NaN).
+:func:`eq3_regularized_matrix` builds M explicitly only for tests and small references.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import RidgeFactorization, factorize
+
+
+def eq1_adjustment_coefficients(H: torch.Tensor, H_tilde: torch.Tensor, eta: torch.Tensor | float) -> torch.Tensor:
+    """Eq 1: c_i = −η Σ_j H_ij H̃_ij  → (T,)."""
+    return -eta * (H * H_tilde).sum(dim=1)
+
+
+def eq2_scaled_gradient(c: torch.Tensor, grad_tilde: torch.Tensor) -> torch.Tensor:
+    """Eq 2: G = c ⊙ ∇G̃ (row i of ∇G̃ scaled by c_i) → (T, Dg)."""
+    return c[:, None] * grad_tilde
+
+
+def eq3_regularized_matrix(H: torch.Tensor, log_lambda: torch.Tensor | float | None) -> torch.Tensor:
+    """Eq 3: M = HᵀH + e^λ I_{Dh} (explicit; ``log_lambda=None`` gives HᵀH, the "w/o regularization" ablation)."""
+    M = H.T @ H
+    if log_lambda is None:
+        return M
+    lam = torch.exp(torch.as_tensor(log_lambda, dtype=H.dtype, device=H.device))
+    return M + lam * torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
+
+
+def eq3_factorize(H: torch.Tensor, log_lambda: torch.Tensor | float | None, *, method: str = "auto",
+                  backend: str | None = None) -> RidgeFactorization:
+    """Eq 3, factored once (kernels' checked Cholesky; dual form when T < Dh) for eqs 5 and 6."""
+    ll = None if log_lambda is None else (log_lambda.detach() if isinstance(log_lambda, torch.Tensor) else log_lambda)
+    return factorize(H.detach(), ll, method=method, backend=backend)
+
+
+def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None) -> torch.Tensor:
+    """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev, with G_prev detached.
+
+    ``G_prev`` None, of a different shape (modules of different widths cannot be projected) or zero: G unchanged.
+    Differentiable in G; the map is an orthogonal projection, hence self-adjoint (its cotangent is the same
+    projection of the upstream cotangent).
+    """
+    if G_prev is None or G_prev.shape != G.shape:
+        return G
+    p = G_prev.detach().to(G.dtype)
+    den = (p * p).sum()
+    if float(den) == 0.0:
+        return G
+    return G - ((G * p).sum() / den) * p
+
+
+def eq5_delta(fact: RidgeFactorization, G: torch.Tensor) -> torch.Tensor:
+    """Eq 5: ΔW = M⁻¹ HᵀG → (Dh, Dg) (no autograd history)."""
+    return fact.solve_delta(G.detach())
+
+
+def eq6_projected_gradient(fact: RidgeFactorization, H: torch.Tensor, g_theta: torch.Tensor,
+                           use_gradient_projection: bool = True) -> torch.Tensor:
+    """Eq 6: P = H M⁻¹ g_θ (g_θ = ∂L/∂ΔW in the (Dh, Dg) layout) → (T, Dg).
+
+    ``use_gradient_projection=False`` is the "w/o gradient projection" ablation: P = H g_θ (no M⁻¹ weighting;
+    then eq 7's gradient is no longer the exact meta-gradient).
+    """
+    if use_gradient_projection:
+        return fact.project(g_theta)
+    return H.detach().to(g_theta.dtype) @ g_theta
+
+
+def eq7_surrogate_loss(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Eq 7: L_AGRADE = Σ_i Σ_j P_ij G_ij (P detached). Its gradient w.r.t. the hypernetwork parameters and η
+    equals the meta-gradient ⟨g_θ, ∂ΔW/∂·⟩ because ∂⟨g_θ, M⁻¹HᵀG⟩/∂G = H M⁻¹ g_θ = P (M symmetric)."""
+    return (P.detach() * G).sum()
+
+
+def lambda_gradient(fact: RidgeFactorization, g_theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """∂L/∂λ = −e^λ ⟨M⁻¹ g_θ, ΔW⟩ (from dM/dλ = e^λ I in eq 3 and eq 5): dΔW/dλ = −e^λ M⁻¹ ΔW."""
+    return fact.lambda_grad(g_theta, delta)
+
+
+def eq6_and_lambda_gradient(fact: RidgeFactorization, H: torch.Tensor, g_theta: torch.Tensor, delta: torch.Tensor,
+                            *, use_gradient_projection: bool = True,
+                            regularization: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(P of eq 6, ∂L/∂λ or None without regularisation), sharing one solve when both are needed."""
+    if regularization and use_gradient_projection and hasattr(fact, "project_and_lambda_grad"):
+        P, lam = fact.project_and_lambda_grad(g_theta, delta)
+        return P, lam
+    P = eq6_projected_gradient(fact, H, g_theta, use_gradient_projection)
+    return P, (lambda_gradient(fact, g_theta, delta) if regularization else None)

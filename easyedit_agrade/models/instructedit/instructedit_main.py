@@ -1,0 +1,106 @@
+"""EasyEdit executor for InstructEdit: ``apply_instructedit_to_model`` (EasyEdit's ``apply_to_model`` contract).
+
+* The trained editor archive (``hparams.archive`` or the shipped one under ``archives/``) is fingerprint-checked,
+  loaded once per (path, mtime, dtype, device) and used in eval mode (frozen normaliser).
+* Prompts: a prompt already in the instruction template (see :func:`.instructions.wrap_requests`, the way to get
+  EasyEdit's pre- and post-edit metrics on the instructed prompt) is used as is. An unwrapped prompt is wrapped
+  here, for computing the edit only, with ``request["task"]`` or ``hparams.task`` and ``hparams.instruction_index``.
+  The request dicts are **never changed**, so ``BaseEditor``'s pre and post metrics always see the same prompt.
+  With ``use_instruction: false`` (multi-task MEND) nothing is wrapped.
+* Requests are edited in chunks of ``hparams.batch_size`` (one ΔW per chunk, applied before the next chunk).
+* Returns ``(model, weights_copy)`` with exact clones of the original weights (bit-exact restore with
+  ``param[...] = v`` or :func:`easyedit_agrade.core.weights.restore_weights`).
+"""
+from __future__ import annotations
+
+import copy as _copy
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ...core.weights import apply_deltas
+from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
+from .editor import InstructEditEditor
+from .instructedit_hparams import InstructEditHyperParams
+from .instructions import is_wrapped, load_instructions, sentiment_label
+
+__all__ = ["apply_instructedit_to_model", "execute_instructedit", "instructed_prompts", "ArchiveNotFoundError",
+           "ArchiveMismatchError", "clear_archive_cache"]
+
+_CACHE: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def clear_archive_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+def networks_for(model, hparams: InstructEditHyperParams):
+    path = find_archive(model, hparams)
+    dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
+    device = next(model.parameters()).device
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, str(dtype), str(device))
+    with _LOCK:
+        nets = _CACHE.get(key)
+        if nets is None:
+            nets = load_networks(path, model, hparams, dtype=dtype).to(device)
+            _CACHE[key] = nets
+    return nets, path
+
+
+def instructed_prompts(requests: Sequence[dict], hparams: InstructEditHyperParams) -> list[str]:
+    """The edit prompt of each request as the editor sees it (wrapped unless already wrapped or instructions off)."""
+    out = []
+    for i, req in enumerate(requests):
+        if not isinstance(req, dict):
+            raise ValueError(f"request {i}: expected a dict, got {type(req).__name__}")
+        for key in ("prompt", "target_new"):
+            if not isinstance(req.get(key), str) or not req[key].strip():
+                raise ValueError(f"request {i}: field {key!r} is missing or empty")
+        prompt = req["prompt"]
+        if not hparams.use_instruction or is_wrapped(prompt):
+            out.append(prompt)
+            continue
+        task = req.get("task") or hparams.task
+        if task is None:
+            raise ValueError(f"request {i}: InstructEdit needs the task for the instruction: wrap the requests "
+                             "with easyedit_agrade.models.instructedit.wrap_requests(...), or set `task:` in the "
+                             "hparams (or use_instruction: false)")
+        ins = load_instructions(hparams.instructions_path)
+        label = req.get("label") or (sentiment_label(req["target_new"]) if task == "convsent" else None)
+        out.append(ins.wrap(prompt, task, hparams.instruction_index, label=label, topic=req.get("subject")))
+    return out
+
+
+def execute_instructedit(model, tok, requests, hparams: InstructEditHyperParams, nets=None) -> dict[str, torch.Tensor]:
+    """Apply InstructEdit edits for ``requests`` to ``model`` in place; return the original weights."""
+    if nets is None:
+        nets, _ = networks_for(model, hparams)
+    prompts = instructed_prompts(requests, hparams)
+    targets = [r["target_new"] for r in requests]
+    editor = InstructEditEditor(model, tok, hparams, nets)
+    weights_copy: dict[str, torch.Tensor] = {}
+    for start in range(0, len(prompts), hparams.batch_size):
+        deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size], targets[start:start + hparams.batch_size])
+        apply_deltas(model, deltas, mode=hparams.apply_mode, weights_copy=weights_copy)
+    return weights_copy
+
+
+def apply_instructedit_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
+                                keep_original_weight=False, **kwargs: Any):
+    """Edit ``model`` with InstructEdit for ``requests`` (EasyEdit request dicts); returns ``(model, weights_copy)``.
+
+    ``copy=True`` edits a deep copy. ``weights_copy`` holds the original weights when ``return_orig_weights`` is
+    true, else it is empty. ``keep_original_weight`` and extra keywords are accepted for EasyEdit's signature.
+    """
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not requests:
+        return model, {}
+    if copy:
+        model = _copy.deepcopy(model)
+    weights_copy = execute_instructedit(model, tok, requests, hparams)
+    return model, (weights_copy if return_orig_weights else {})

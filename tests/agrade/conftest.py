@@ -1,0 +1,1 @@
+from agrade_helpers import tok  # noqa: F401  (session fixture)

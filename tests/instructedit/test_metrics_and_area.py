@@ -1,0 +1,32 @@
+"""Fluency (n-gram entropy) and the editing-area maths (Gram of low-rank directions, PCA from the Gram)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from easyedit_agrade.models.instructedit.editing_area import gram_of_directions, pca_from_gram
+from easyedit_agrade.models.instructedit.instructedit_eval import ngram_entropy
+
+
+def test_ngram_entropy():
+    assert ngram_entropy("a a a a a a") == 0.0  # one repeated bigram and trigram
+    # 4 distinct bigrams, 3 distinct trigrams, all equally frequent
+    assert ngram_entropy("a b c d e") == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
+    assert ngram_entropy("") == 0.0
+
+
+def test_gram_and_pca_match_flattened_directions():
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(n, 7, generator=g), torch.randn(n, 5, generator=g)) for n in (1, 3, 2, 4, 2)]
+    flat = torch.stack([(u.T @ d).flatten().double() for u, d in factors])
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    K = gram_of_directions(factors)
+    assert torch.allclose(K, flat @ flat.T, atol=1e-10)
+    pcs = pca_from_gram(K, k=3)
+    centred = flat - flat.mean(0)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    ref = u[:, :3] * s[:3]
+    for j in range(3):  # equal up to the sign of each component
+        assert torch.allclose(pcs[:, j].abs(), ref[:, j].abs(), atol=1e-8)
