@@ -87,6 +87,19 @@ def run_ft_demo(hparams_path: str) -> int:
     return 0
 
 
+def shipped_agrade_archive() -> str | None:
+    """Name of an AGRADE archive shipped under ``archives/`` (metadata only; the executor checks the fit)."""
+    from .core.checkpoint import read_metadata
+
+    for path in sorted((REPO_ROOT / "archives").glob("*.safetensors")):
+        try:
+            if read_metadata(path).get("alg_name") == "AGRADE":
+                return path.name
+        except Exception:  # an unreadable file is reported by the executor if it is ever chosen
+            continue
+    return None
+
+
 def demo_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="easyedit-agrade demo", description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["auto", "agrade", "ft"], default="auto",
@@ -94,6 +107,11 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ft-hparams", default=str(REPO_ROOT / "hparams" / "FT" / "smollm2-135m"))
     args, rest = parser.parse_known_args(argv)
     method = args.method
+    if method == "auto" and shipped_agrade_archive() is None:
+        print("[demo] no trained AGRADE archive is shipped under archives/ (train one: "
+              "`easyedit-agrade train --alg AGRADE hparams/TRAINING/AGRADE/smollm2-135m.yaml`); "
+              "running EasyEdit's FT baseline instead")
+        method = "ft"
     if method in ("auto", "agrade"):
         try:
             agrade_demo = importlib.import_module("easyedit_agrade.models.agrade.agrade_demo")

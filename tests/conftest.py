@@ -1,11 +1,17 @@
 """Shared fixtures: the embedded model (loaded once per session), the shared data folder, EasyEdit."""
 from __future__ import annotations
 
-import importlib.util
+import os
 
-import pytest
+# Triton decides at import time whether to interpret kernels; set this before anything imports triton so the
+# kernel tests run in-process on the CPU (only Triton kernels are affected; CPU code paths use torch ops).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from easyedit_agrade.paths import data_dir
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+from easyedit_agrade.paths import data_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,9 @@ HPARAMS_CLASSES: dict[str, tuple[str, str]] = {
     "MEMIT": ("easyeditor", "MEMITHyperParams"),
 }
 
+#: methods whose EasyEdit code assumes a right-padding tokenizer (BaseEditor leaves them on the right)
+RIGHT_PADDING_ALGS = {"ROME", "MEMIT"}
+
 #: EasyEdit's single-edit methods (its ``SingletonEditor``)
 SEQUENTIAL_ALGS = {"ROME", "KN"}
 
@@ -185,4 +188,8 @@ def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
     editor_mod = importlib.import_module("easyeditor.editors.editor")
     hparams.model_name = PreloadedModel(model_alias, model, tok)
     with cuda_on_cpu():
-        return editor_mod.BaseEditor.from_hparams(hparams)
+        editor = editor_mod.BaseEditor.from_hparams(hparams)
+    # BaseEditor pads on the left for decoder-only models *except* ROME and MEMIT, whose subject-lookup indices and
+    # target positions assume right padding; PreloadedModel always hands over a left-padding tokenizer.
+    editor.tok.padding_side = "right" if hparams.alg_name in RIGHT_PADDING_ALGS else "left"
+    return editor

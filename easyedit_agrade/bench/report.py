@@ -42,7 +42,12 @@ def markdown_report(results: dict) -> str:
     cfg = results.get("config", {})
     base = results.get("baseline", {})
     out = [f"## Benchmark ({cfg.get('mode', '?')} mode) on `{cfg.get('model', '?')}`", ""]
-    out.append(f"Command: `{results.get('command', '')}`  ")
+    invocations = results.get("invocations") or [{"command": results.get("command", "")}]
+    if len(invocations) > 1:
+        out.append("Commands (a resumed benchmark): " + "; then ".join(f"`{i['command']}`" for i in invocations)
+                   + "  ")
+    else:
+        out.append(f"Command: `{invocations[0]['command']}`  ")
     out.append(f"Environment: easyedit-agrade {env.get('easyedit_agrade')}, torch {env.get('torch')}, transformers "
                f"{env.get('transformers')}, easyeditor {env.get('easyeditor')}, peft {env.get('peft')}; "
                f"{env.get('machine')} with {env.get('cpu_count')} CPUs ({env.get('torch_threads')} torch threads), "

@@ -283,10 +283,20 @@ class Bench:
                  f"ppl {self.baseline_general.get('ppl', float('nan')):.2f}, "
                  f"MC acc {self.baseline_general.get('mc', {}).get('acc')})")
         previous = self._load_previous() if cfg["resume"] else {}
+        command = "easyedit-agrade bench " + " ".join(self.cfg.get("argv", []))
+        config = {k: v for k, v in cfg.items() if k != "argv"}
+        if previous:  # a resumed benchmark reports every method and size of all its invocations
+            old = previous.get("config", {})
+            config["methods"] = [m for m in ALL_METHODS if m in set(old.get("methods", [])) | set(cfg["methods"])]
+            config["sizes"] = sorted(set(old.get("sizes", [])) | set(cfg["sizes"]))
+        invocations = list(previous.get("invocations") or
+                           ([{"command": previous["command"]}] if previous.get("command") else []))
+        invocations.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.results = {
             "schema": SCHEMA,
-            "command": "easyedit-agrade bench " + " ".join(self.cfg.get("argv", [])),
-            "config": {k: v for k, v in cfg.items() if k != "argv"},
+            "command": command,
+            "invocations": invocations,
+            "config": config,
             "environment": environment(cfg["seed"]),
             "data": {"pool_size": len(self.pool.records), "sources": self.pool.sources, "notes": self.pool.notes,
                      "eval_records": "the first min(N, eval_cap) edited records; every size re-measures the same "
@@ -297,10 +307,19 @@ class Bench:
             "notes": [COVARIANCE_NOTE],
             "baseline": {"metrics": baseline, "general": self.baseline_general},
             "methods": dict(previous.get("methods", {})),
-            "runs": [r for r in previous.get("runs", []) if r.get("status") == "ok"
-                     or (r.get("status") == "failed" and not cfg.get("retry_failed"))],
+            "runs": [r for r in previous.get("runs", []) if self._keep_previous(r)],
         }
         self.save()
+
+    def _keep_previous(self, run: dict) -> bool:
+        """On --resume: keep ok runs, failed ones (unless --retry-failed for a method run now), and skipped ones
+        of methods not run now (the others are planned again)."""
+        status, rerun = run.get("status"), run.get("method") in self.cfg["methods"]
+        if status == "ok":
+            return True
+        if status == "failed":
+            return not (self.cfg.get("retry_failed") and rerun)
+        return not rerun
 
     def _load_previous(self) -> dict:
         path = self.out / "results.json"

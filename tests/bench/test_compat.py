@@ -58,3 +58,14 @@ def test_memit_identity_covariance(easyeditor_module, embedded_model):
     with compat.memit_identity_covariance(model, H()):
         assert torch.equal(memit.COV_CACHE[key], torch.eye(model.config.intermediate_size))
     assert key not in memit.COV_CACHE
+
+
+def test_rome_and_memit_get_a_right_padding_tokenizer(easyeditor_module, embedded_model_dir):
+    """BaseEditor keeps ROME/MEMIT on right padding (their lookup indices assume it); PreloadedModel pads left."""
+    from easyedit_agrade.bench.methods import METHODS, load_hparams, make_editor
+    from easyedit_agrade.lm import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(embedded_model_dir)
+    for name, side in (("ROME", "right"), ("FT", "left"), ("MEMIT", "right")):
+        editor = make_editor(load_hparams(METHODS[name]), model, tok, "smollm2-135m-instruct")
+        assert editor.tok.padding_side == side, name

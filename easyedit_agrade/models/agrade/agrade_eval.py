@@ -60,7 +60,9 @@ def build_probes(editor: AGRADEEditor, records: Sequence[EditRecord], micro_batc
         n=len(records),
         edit=editor.encode([r.prompt for r in records], [r.target_new for r in records], mb),
         equiv=editor.encode([r.rephrase_prompt for r in records], [r.target_new for r in records], mb),  # type: ignore[misc]
-        loc=editor.encode([r.locality_prompt for r in records], [r.locality_ground_truth for r in records], mb),  # type: ignore[misc]
+        # locality answers can be long (zsRE's loc_ans up to ~50 tokens): never cut them
+        loc=editor.encode([r.locality_prompt for r in records], [r.locality_ground_truth for r in records], mb,  # type: ignore[misc]
+                          max_length=None),
     )
     for group in (p.edit, p.equiv, p.loc):
         editor.lower(group)

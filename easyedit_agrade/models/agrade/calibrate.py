@@ -3,7 +3,8 @@
 η sets the size of every edit (c = −η⟨H, H̃⟩ scales G, and ΔW is linear in G), so it moves an archive along the
 ES/GS ↔ LS trade-off; λ (eq 3) sets how much the ridge shrinks ΔW towards the dominant directions of H
 (``--lambda-shifts`` adds a constant to every log λ). Short CPU training leaves η noisy; this tool multiplies all per-module η by one factor k,
-picks the k with the best validation Score among ``--factors`` (validation records only — by default the last 256 of
+picks the k with the best validation Score among ``--factors`` (optionally only among those meeting ``--min-es`` /
+``--min-ls``) (validation records only — by default the last 256 of
 counterfact-val, disjoint from the first 1024 that the demo and the report edit), and writes the archive with the
 scaled η and the calibration recorded in its metadata. k = 1 is always a candidate, so calibration never picks a
 worse network on the validation split.
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factors", type=float, nargs="+", default=[0.7, 0.85, 1.0, 1.2, 1.4])
     p.add_argument("--lambda-shifts", type=float, nargs="+", default=[0.0],
                    help="also try adding these to every log_lambda (λ of eq 3)")
+    p.add_argument("--min-es", type=float, default=0.0, help="only factors reaching this validation ES qualify")
+    p.add_argument("--min-ls", type=float, default=0.0, help="only factors reaching this validation LS qualify")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--extra", default="{}", help="JSON merged into the archive's training metadata")
     args = p.parse_args(argv)
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     factors = sorted(set(args.factors) | {1.0})
     shifts = sorted(set(args.lambda_shifts) | {0.0})
     rows = evaluate_factors(args.src, args.hparams, records, factors, lambda_shifts=shifts)
-    best = max(rows, key=lambda r: (r["score"], r["factor"] == 1.0 and r["lambda_shift"] == 0.0))
+    ok = [r for r in rows if r["es"] >= args.min_es and r["ls"] >= args.min_ls] or rows
+    best = max(ok, key=lambda r: (r["score"], r["factor"] == 1.0 and r["lambda_shift"] == 0.0))
     tensors, meta = load_tensors(args.src)
     for key in list(tensors):
         if key.endswith(".lr"):
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     training = meta.setdefault("training", {})
     training["eta_calibration"] = {
         "factor": best["factor"], "lambda_shift": best["lambda_shift"], "val_data": args.val_data,
-        "val_records": f"last {args.val_size}",
+        "val_records": f"last {args.val_size}", "constraints": {"min_es": args.min_es, "min_ls": args.min_ls},
         "candidates": [{k: round(r[k], 4) for k in ("factor", "lambda_shift", "es", "gs", "ls", "score")}
                        for r in rows]}
     training.update(json.loads(args.extra))

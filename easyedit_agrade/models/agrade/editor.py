@@ -118,8 +118,11 @@ class AGRADEEditor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str], micro_batch: int | None = None) -> list[MicroBatch]:
-        return encode_micro_batches(self.tok, prompts, targets, max_length=self.hparams.max_length,
+    def encode(self, prompts: Sequence[str], targets: Sequence[str], micro_batch: int | None = None,
+               max_length: int | None | str = "hparams") -> list[MicroBatch]:
+        """Micro-batches of ``prompt + target``; ``max_length`` defaults to ``hparams.max_length`` (None: no cut)."""
+        limit = self.hparams.max_length if max_length == "hparams" else max_length
+        return encode_micro_batches(self.tok, prompts, targets, max_length=limit,  # type: ignore[arg-type]
                                     micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device)
 
     def lower(self, mbs: Sequence[MicroBatch]) -> None:
