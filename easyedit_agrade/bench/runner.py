@@ -72,6 +72,8 @@ def build_parser(prog: str = "easyedit-agrade bench") -> argparse.ArgumentParser
     p.add_argument("--resume", action="store_true",
                    help="keep finished runs (ok and failed) from an existing results.json and run the rest")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: run failed methods again")
+    p.add_argument("--redo", default=None,
+                   help="with --resume: comma-separated methods whose finished runs are discarded and run again")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
 
@@ -88,6 +90,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    redo = _csv(args.redo, ())
+    if [m for m in redo if m not in METHODS]:
+        raise SystemExit(f"unknown method(s) in --redo {redo}; choose from {', '.join(ALL_METHODS)}")
     sizes = sorted({int(s) for s in _csv(args.sizes, QUICK_SIZES if quick else FULL_SIZES)})
     if not sizes or sizes[0] < 1:
         raise SystemExit("--sizes must be positive integers")
@@ -114,6 +119,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "resume": bool(args.resume),
         "retry_failed": bool(args.retry_failed),
+        "redo": _csv(args.redo, ()),
         "plots": not args.no_plots,
     }
 
@@ -315,6 +321,8 @@ class Bench:
         """On --resume: keep ok runs, failed ones (unless --retry-failed for a method run now), and skipped ones
         of methods not run now (the others are planned again)."""
         status, rerun = run.get("status"), run.get("method") in self.cfg["methods"]
+        if run.get("method") in self.cfg.get("redo", ()):
+            return False
         if status == "ok":
             return True
         if status == "failed":

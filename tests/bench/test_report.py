@@ -61,3 +61,17 @@ def test_config_defaults():
     assert quick["sizes"] == [1, 4] and quick["eval_cap"] == 4 and "FT" in quick["methods"]
     full = resolve_config(build_parser().parse_args([]))
     assert full["sizes"] == [1, 16, 128, 512, 2048] and len(full["methods"]) == 8
+
+
+def test_resume_keeps_the_right_runs():
+    from easyedit_agrade.bench.runner import Bench
+
+    cfg = resolve_config(build_parser().parse_args(["--resume", "--retry-failed", "--methods", "ROME,InstructEdit",
+                                                    "--redo", "ROME"]))
+    keep = Bench(cfg)._keep_previous
+    assert keep({"method": "FT", "status": "ok"})
+    assert keep({"method": "FT", "status": "skipped"})  # not run now: its record stays
+    assert keep({"method": "MEND", "status": "failed"})
+    assert not keep({"method": "InstructEdit", "status": "failed"})  # --retry-failed
+    assert not keep({"method": "InstructEdit", "status": "skipped"})  # planned again
+    assert not keep({"method": "ROME", "status": "ok"})  # --redo
