@@ -19,7 +19,7 @@ $(VENV)/.easyedit-agrade-stamp: requirements/base.in requirements/extra-no-deps.
 	VENV=$(VENV) bash scripts/bootstrap.sh
 
 demo: install
-	$(PY) -m easyedit_agrade demo
+	$(PY) -m easyedit_agrade demo --fast-metrics
 
 test: install
 	$(PY) -m pytest -q -ra
