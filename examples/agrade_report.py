@@ -59,7 +59,7 @@ def train_variants(args) -> None:
             out = Path(args.runs) / f"{variant}-s{seed}"
             argv = [TRAIN_HPARAMS, "--out", str(out), "--max-steps", str(args.steps), "--seed", str(seed),
                     "--threads", str(args.threads), "--no-progress"]
-            for o in VARIANTS[variant]:
+            for o in VARIANTS[variant] + [f"val_every={args.val_every}", f"val_size={args.val_size}"]:
                 argv += ["--set", o]
             if (out / "checkpoints" / "latest.json").exists():
                 argv.append("--resume")
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", action="store_true", help="train the variants first (resumes existing runs)")
     p.add_argument("--steps", type=int, default=300, help="training budget per run (steps of n_edits edits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--val-every", type=int, default=25, help="validation interval of each training run")
+    p.add_argument("--val-size", type=int, default=256, help="validation records (last N of counterfact-val)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs", default="runs/report", help="folder of training runs (<variant>-s<seed>/)")
     p.add_argument("--archive", action="append", default=[], metavar="NAME=PATH",

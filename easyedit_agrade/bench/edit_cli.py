@@ -130,6 +130,11 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.requests).with_name(
         f"{Path(args.requests).stem}.{spec.name}.results.json")
+    from ..distributed.collective import init_from_env
+
+    # under torchrun / accelerate launch every rank runs this with the same requests; AGRADE's executor caches
+    # only this rank's shard and all ranks apply the same ΔW (docs/distributed.md); rank 0 writes the results
+    coll = init_from_env()
     try:
         result, edited, tok = _run(args, spec, records, cases)
     except UsageError as exc:
@@ -142,6 +147,8 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
         return 1
     from .runner import _sanitize, atomic_write_text
 
+    if not coll.is_main:
+        return 0
     if args.save_model:
         atomic_save_model(edited, tok, Path(args.save_model))
         result["saved_model"] = Path(args.save_model).name

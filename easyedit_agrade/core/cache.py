@@ -238,28 +238,93 @@ class KeyGradCapture:
 
 @dataclass
 class KeyGradCache:
-    """Per-module H and ∇G rows (fp32 by default) gathered over micro-batches, bounded by ``max_rows``."""
+    """Per-module H and ∇G rows (fp32 by default) gathered over micro-batches.
+
+    In memory (default) the cache holds at most ``max_rows`` rows per module (:class:`CacheOverflowError`
+    beyond). With ``spill=True`` every added piece is written at once to a safetensors shard in a private
+    temporary folder (``tempfile.mkdtemp`` under ``spill_root`` or the system temp dir; unique per cache) and
+    only read back one piece at a time by :meth:`chunks` — then memory does not grow with the number of edits
+    and ``max_rows`` is not enforced. :meth:`close` (also on ``with`` exit and when the cache is garbage
+    collected) deletes the folder.
+    """
 
     module_names: Sequence[str]
     max_rows: int = DEFAULT_MAX_ROWS
     keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    spill: bool = False
+    spill_root: str | None = None
+    shards: dict[str, list[str]] = field(default_factory=dict)
+    row_counts: dict[str, int] = field(default_factory=dict)
+    spill_dir: str | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._finalizer = None
+        if self.spill:
+            import shutil
+            import tempfile
+            import weakref
+
+            self.spill_dir = tempfile.mkdtemp(prefix="easyedit-agrade-cache-", dir=self.spill_root)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
+
+    def __enter__(self) -> "KeyGradCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete spilled shards (no-op for an in-memory cache)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def add(self, name: str, k: torch.Tensor, g: torch.Tensor) -> None:
-        rows = sum(t.shape[0] for t in self.keys.get(name, [])) + k.shape[0]
-        if rows > self.max_rows:
+        if k.shape[0] != g.shape[0]:
+            raise ValueError(f"{name}: {k.shape[0]} key rows but {g.shape[0]} gradient rows")
+        rows = self.row_counts.get(name, 0) + k.shape[0]
+        if not self.spill and rows > self.max_rows:
             raise CacheOverflowError(
                 f"caching {rows} rows for {name} exceeds max_rows={self.max_rows}; edit fewer facts at once "
-                "(smaller batch_size) or raise the bound"
+                "(smaller batch_size), raise the bound, or spill the cache to disk (cache_spill: true)"
             )
+        self.row_counts[name] = rows
+        if self.spill:
+            from safetensors.torch import save_file
+
+            assert self.spill_dir is not None
+            index = len(self.shards.setdefault(name, []))
+            path = f"{self.spill_dir}/{self.module_names.index(name):03d}-{index:06d}.safetensors"
+            save_file({"keys": k.detach().contiguous().cpu(), "grads": g.detach().contiguous().cpu()}, path)
+            self.shards[name].append(path)
+            return
         self.keys.setdefault(name, []).append(k)
         self.grads.setdefault(name, []).append(g)
 
+    def n_rows(self, name: str) -> int:
+        return self.row_counts.get(name, 0)
+
+    def chunks(self, name: str, device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(H rows, ∇G rows) of ``name`` piece by piece, in the order they were added (one piece resident)."""
+        if self.spill:
+            from safetensors.torch import load_file
+
+            for path in self.shards.get(name, []):
+                d = load_file(path, device=str(device) if device is not None else "cpu")
+                yield d["keys"], d["grads"]
+            return
+        for k, g in zip(self.keys.get(name, []), self.grads.get(name, [])):
+            yield (k, g) if device is None else (k.to(device), g.to(device))
+
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat(self.keys[name]), torch.cat(self.grads[name])
+        pieces = list(self.chunks(name))
+        if not pieces:
+            raise KeyError(f"nothing cached for {name}")
+        return torch.cat([k for k, _ in pieces]), torch.cat([g for _, g in pieces])
 
     def nbytes(self) -> int:
+        """Bytes held in memory (spilled shards are on disk and not counted)."""
         return sum(t.numel() * t.element_size() for d in (self.keys, self.grads) for ts in d.values() for t in ts)
 
 
@@ -270,15 +335,19 @@ def cache_keys_and_grads(
     hidden: Sequence[torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     max_rows: int = DEFAULT_MAX_ROWS,
+    cache: KeyGradCache | None = None,
 ) -> KeyGradCache:
     """Capture H and ∇G of every edited module over micro-batches.
 
     Each micro-batch is ``(input_ids, attention_mask, predict_mask, shifted_labels)`` (``predict_mask`` marks
     positions whose logits predict a target token; ``shifted_labels`` holds that token's id there). The loss is
     the **summed** cross-entropy over target tokens, so ∇G does not depend on how many edits share a batch.
-    ``hidden`` optionally gives precomputed :meth:`LayerStack.lower` outputs per micro-batch.
+    ``hidden`` optionally gives precomputed :meth:`LayerStack.lower` outputs per micro-batch (else each batch's
+    lower layers run just before it, so only one batch's activations are ever resident). ``cache`` appends to an
+    existing (e.g. spilling) cache instead of a new in-memory one; ``micro_batches`` may be any iterable.
     """
-    cache = KeyGradCache(stack.module_names, max_rows=max_rows)
+    if cache is None:
+        cache = KeyGradCache(stack.module_names, max_rows=max_rows)
     modules = stack.modules()
     for i, (ids, att, pmask, labels) in enumerate(micro_batches):
         h = hidden[i] if hidden is not None else stack.lower(ids, att)

@@ -45,16 +45,30 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("m2", torch.zeros(size))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Fold the rows of ``x`` (n, size) into the statistics."""
+    def update(self, x: torch.Tensor, collective=None) -> None:
+        """Fold the rows of ``x`` (n, size) into the statistics. With a multi-rank ``collective``
+        (:mod:`easyedit_agrade.distributed`) the batch is the union of every rank's rows: its count, mean and
+        squared deviations are summed over ranks, so every rank folds in the same global batch."""
         if x.dim() != 2 or x.shape[1] != self.size:
             raise ValueError(f"normalizer expects (n, {self.size}) rows, got {tuple(x.shape)}")
-        n = x.shape[0]
-        if n == 0:
-            return
         x = x.to(self.mean.dtype)
-        b_mean = x.mean(0)
-        b_m2 = ((x - b_mean) ** 2).sum(0)
+        if collective is not None and collective.is_distributed:
+            head = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device),
+                              x.sum(0, dtype=torch.float64)])
+            collective.all_reduce_(head)
+            n = int(head[0])
+            if n == 0:
+                return
+            b_mean = (head[1:] / n).to(self.mean.dtype)
+            b_m2 = ((x - b_mean) ** 2).sum(0, dtype=torch.float64)
+            collective.all_reduce_(b_m2)
+            b_m2 = b_m2.to(self.mean.dtype)
+        else:
+            n = x.shape[0]
+            if n == 0:
+                return
+            b_mean = x.mean(0)
+            b_m2 = ((x - b_mean) ** 2).sum(0)
         total = float(self.count) + n
         delta = b_mean - self.mean
         self.mean.add_(delta * (n / total))
@@ -128,11 +142,12 @@ class HyperNetwork(nn.Module):
         return torch.cat([keys, values], dim=1)
 
     @torch.no_grad()
-    def observe(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Update the normaliser with these rows **if the network is in training mode**; returns whether it did."""
+    def observe(self, keys: torch.Tensor, values: torch.Tensor, collective=None) -> bool:
+        """Update the normaliser with these rows **if the network is in training mode**; returns whether it did.
+        ``collective``: data-parallel training, the rows of every rank form the batch."""
         if not self.training:
             return False
-        self.normalizer.update(self._cat(keys, values).to(self.normalizer.mean.dtype))
+        self.normalizer.update(self._cat(keys, values).to(self.normalizer.mean.dtype), collective)
         return True
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor, module_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +236,8 @@ class EditorNetworks(nn.Module):
         s = self.slot(name)
         return self.nets[s.group](keys, values, s.index)
 
-    def observe(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        return self.net(name).observe(keys, values)
+    def observe(self, name: str, keys: torch.Tensor, values: torch.Tensor, collective=None) -> bool:
+        return self.net(name).observe(keys, values, collective)
 
     def param_groups(self, body_lr: float, lr_lr: float, lambda_lr: float) -> list[dict]:
         """Adam groups: the network bodies, the per-module ``lr`` (η) and the per-module ``log_lambda`` (λ)."""

@@ -19,7 +19,7 @@ from .dispatch import (
     project_out,
     resolve_backend,
 )
-from .solve import FactorizationError, RidgeFactorization, choose_method, factorize
+from .solve import FactorizationError, RidgeFactorization, choose_method, factorize, factorize_gram
 
 __all__ = [
     "ENV_VAR",
@@ -29,6 +29,7 @@ __all__ = [
     "adjust_and_scale_backward",
     "choose_method",
     "factorize",
+    "factorize_gram",
     "gram",
     "project_out",
     "resolve_backend",

@@ -281,3 +281,50 @@ def factorize(
     L = _checked_cholesky(build, dtype, info)
     info.update(exp_lambda=float(lam), factor_dtype=str(L.dtype))
     return RidgeFactorization(H, chosen, lam, L, chunk_size, info)
+
+
+@torch.no_grad()
+def factorize_gram(
+    gram: torch.Tensor,
+    log_lambda: float | torch.Tensor | None,
+    H: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 4096,
+) -> RidgeFactorization:
+    """Primal factorisation of eq 3 from a Gram HᵀH computed elsewhere — summed over row-chunks streamed from
+    a cache, or all-reduced over the ranks of a data-parallel edit (each rank holds only its own rows of H).
+
+    ``gram`` (Dh × Dh; only the lower triangle is read) is the full HᵀH; ``H`` (optional) are the rows this
+    process holds, used by :meth:`RidgeFactorization.project` (P = H M⁻¹ g_θ stays local). Use
+    :meth:`RidgeFactorization.solve` on the (all-reduced) HᵀG for eq 5 — ``solve_delta`` would only see the local
+    rows. Same fallback chain as :func:`factorize`, except that the fp64 retry casts the given Gram (its rows
+    are gone) instead of recomputing it.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be square (Dh, Dh), got shape {tuple(gram.shape)}")
+    Dh = gram.shape[0]
+    dtype = torch.float64 if gram.dtype == torch.float64 else torch.float32
+    if H is None:
+        H = torch.empty(0, Dh, dtype=dtype, device=gram.device)
+    elif H.dim() != 2 or H.shape[1] != Dh:
+        raise ValueError(f"H must be (T, {Dh}), got shape {tuple(H.shape)}")
+    H = H.detach()
+    lower = gram.tril()
+    full = lower + lower.tril(-1).T
+    info: dict = {"method": "primal", "fallback": "none", "jitter": 0.0, "from_gram": True}
+    if log_lambda is None:
+        factor = _pinv_factor(full.to(torch.float64), info)
+        info.update(exp_lambda=None, factor_dtype=str(torch.float64))
+        return RidgeFactorization(H, "primal", None, factor, chunk_size, info)
+    lam = _exp_lambda(log_lambda, full, dtype)
+
+    def build(build_dtype: torch.dtype) -> torch.Tensor:
+        A = lower.to(build_dtype).clone()
+        A.diagonal().add_(_exp_lambda(log_lambda, full, build_dtype))
+        return A
+
+    L = _checked_cholesky(build, dtype, info)
+    info.update(exp_lambda=float(lam), factor_dtype=str(L.dtype))
+    fact = RidgeFactorization(H, "primal", lam, L, chunk_size, info)
+    fact._dtype = dtype
+    return fact

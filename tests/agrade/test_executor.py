@@ -92,8 +92,11 @@ def test_missing_archive(tmp_path, tok):
         apply_agrade_to_model(model, tok, [records(1)[0].to_request()], hp_bad)
 
 
-def test_bf16_model_edits_through_fp32_hook(tmp_path, tok):
-    from easyedit_agrade.core.weights import restore_weights
+def test_bf16_model_auto_rounds_once_hook_on_request(tmp_path, tok):
+    """bf16 LM. ``apply_mode: auto`` (the executor's default): weights = round(w32 + ΔW), cast once, no hook —
+    so EasyEdit's ``param[...] = v`` restore is exact and leaves nothing behind. ``apply_mode: hook``: weights
+    untouched, the fp32 ΔW acts through a hook that ``restore_weights`` removes (EasyEdit's restore would not)."""
+    from easyedit_agrade.core.weights import get_module, has_delta_hooks, restore_weights
 
     model = tiny_llama(len(tok), dtype=torch.bfloat16)
     hp = AGRADEHyperParams.from_dict(dict(alg_name="AGRADE", model_name="tiny", inner_params=LLAMA_PARAMS, rank=4,
@@ -110,15 +113,31 @@ def test_bf16_model_edits_through_fp32_hook(tmp_path, tok):
     with torch.no_grad():
         y0 = model(input_ids=ids).logits
     before = _weights(model, hp.inner_params)
-    _, copy = apply_agrade_to_model(model, tok, [r.to_request() for r in records(3)], hp, return_orig_weights=True)
-    assert all(torch.equal(before[p], dict(model.named_parameters())[p]) for p in hp.inner_params)  # bf16 untouched
-    from easyedit_agrade.core.weights import get_module
+    reqs = [r.to_request() for r in records(3)]
 
+    hook_hp = AGRADEHyperParams.from_dict({**hp.to_dict(), "apply_mode": "hook"})
+    with pytest.warns(UserWarning, match="restore_weights"):
+        _, copy = apply_agrade_to_model(model, tok, reqs, hook_hp, return_orig_weights=True)
+    assert all(torch.equal(before[p], dict(model.named_parameters())[p]) for p in hp.inner_params)  # bf16 untouched
+    deltas = {}
     for p in hp.inner_params:  # the fp32 ΔW acts through a forward hook on each edited module
         hook = getattr(get_module(model, p[: -len(".weight")]), "_easyedit_agrade_delta_hook", None)
         assert hook is not None and hook[1].dtype == torch.float32 and float(hook[1].abs().sum()) > 0
+        deltas[p] = hook[1].clone()
     restore_weights(model, copy)
-    assert all(getattr(get_module(model, p[: -len(".weight")]), "_easyedit_agrade_delta_hook", None) is None
-               for p in hp.inner_params)
+    assert not has_delta_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, y0)
+
+    _, copy = apply_agrade_to_model(model, tok, reqs, hp, return_orig_weights=True)  # auto
+    assert not has_delta_hooks(model)
+    for p in hp.inner_params:  # nn.Linear stores ΔWᵀ; one round-to-nearest of the fp32 sum
+        want = (before[p].float() + deltas[p].T).to(torch.bfloat16)
+        assert torch.equal(dict(model.named_parameters())[p], want)
+    with torch.no_grad():
+        for k, v in copy.items():
+            dict(model.named_parameters())[k][...] = v  # EasyEdit's own restore
+    assert not has_delta_hooks(model)
+    assert all(torch.equal(before[p], dict(model.named_parameters())[p]) for p in hp.inner_params)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, y0)

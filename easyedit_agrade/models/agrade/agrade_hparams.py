@@ -63,9 +63,15 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     solver: Literal["auto", "primal", "dual"] = "auto"
     #: edits per forward/backward when caching H and ∇G
     cache_batch_size: int = 64
+    #: write cached H/∇G rows to safetensors shards in a private temp folder (under ``cache_spill_dir`` or the
+    #: system temp dir; deleted afterwards) instead of memory: editor memory then does not grow with the edits
+    cache_spill: bool = False
+    cache_spill_dir: Optional[str] = None
     editor_dtype: Literal["float32", "float64"] = "float32"
     kernels_backend: Optional[Literal["auto", "torch", "triton"]] = None
-    #: how ΔW enters the weights: ``auto`` (in place for fp32/fp64 weights, an fp32 hook for bf16/fp16)
+    #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
+    #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
+    #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
     apply_mode: Literal["auto", "inplace", "hook"] = "auto"
     extra: dict = field(default_factory=dict)
 

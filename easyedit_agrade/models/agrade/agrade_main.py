@@ -7,7 +7,10 @@
   computed on the model already edited by earlier ones). ``BaseEditor.batch_edit`` chunks by the same field.
 * Returns ``(model, weights_copy)``: ``weights_copy`` maps parameter names to exact clones of the original weights
   (EasyEdit restores with ``param[...] = v``; :func:`easyedit_agrade.core.weights.restore_weights` does the same
-  and also removes fp32 hooks used for 16-bit models).
+  and also removes fp32 hooks). ``apply_mode: auto`` writes ΔW into the weights for every dtype (16-bit weights:
+  ``round(w₃₂ + ΣΔW)`` from an fp32 master kept across the chunks of one call, cast once), because EasyEdit's
+  ``param[...] = v`` cannot remove a hook; both restores are then exact copies (see
+  :func:`easyedit_agrade.core.weights.executor_apply_mode`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ...core.weights import apply_deltas
+from ...core.weights import apply_deltas, executor_apply_mode
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
@@ -59,17 +62,29 @@ def _networks_for(model, hparams: AGRADEHyperParams):
     return nets, path
 
 
-def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None) -> dict[str, torch.Tensor]:
-    """Apply AGRADE edits for ``requests`` to ``model`` in place; return the original weights."""
+def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
+                   collective=None) -> dict[str, torch.Tensor]:
+    """Apply AGRADE edits for ``requests`` to ``model`` in place; return the original weights.
+
+    Data-parallel (``collective`` with several ranks; default: the initialised ``torch.distributed`` group, if
+    any): every rank passes the *same* requests, caches H and ∇G only for its shard of each chunk
+    (``chunk[rank::world_size]``), the Gram, HᵀG and eq 4's products are summed over ranks, and every rank applies
+    the same ΔW — equal to the single-process edit up to rounding (``tests/distributed``).
+    """
+    from ...distributed.collective import get_collective
+
+    coll = collective if collective is not None else get_collective()
     if nets is None:
         nets, _ = _networks_for(model, hparams)
     records = records_from_requests(requests)
     editor = AGRADEEditor(model, tok, hparams, nets)
     weights_copy: dict[str, torch.Tensor] = {}
+    masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights: each chunk's ΔW is rounded in once
+    mode = executor_apply_mode(hparams.apply_mode)
     for start in range(0, len(records), hparams.batch_size):
-        chunk = records[start:start + hparams.batch_size]
-        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk])
-        apply_deltas(model, result.deltas, mode=hparams.apply_mode, weights_copy=weights_copy)
+        chunk = coll.shard(records[start:start + hparams.batch_size])
+        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
+        apply_deltas(model, result.deltas, mode=mode, weights_copy=weights_copy, masters=masters)
     return weights_copy
 
 

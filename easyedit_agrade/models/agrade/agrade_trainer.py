@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from ...core.cache import grad_only_for
 from ...core.checkpoint import (latest_checkpoint, load_training_checkpoint, save_json,
                                 save_training_checkpoint)
-from ...core.weights import apply_deltas, restore_weights, weight_grad_to_editor_layout
+from ...core.weights import delta_leaves
 from ...dataset.readers import EditRecord, read_records, records_from_requests
+from ...distributed.collective import Collective, get_collective
 from . import equations as eq
 from .agrade_eval import Probes, build_probes, evaluate_records, harmonic_mean, per_record_mean
 from .agrade_hparams import AGRADETrainingHyperParams
@@ -78,17 +79,26 @@ class AGRADETrainer:
     ``config`` is an :class:`AGRADETrainingHyperParams`; ``train_set``/``val_set`` are anything
     :func:`as_records` accepts (None: the paths in the config). ``model``/``tok`` may be passed to reuse a loaded
     model. ``out_dir`` overrides ``config.results_dir``.
+
+    Data-parallel training (``torchrun`` / ``accelerate launch``; ``collective`` defaults to the initialised
+    process group, see :mod:`easyedit_agrade.distributed`): every rank builds the same step batch and works on its
+    shard (``records[rank::world_size]``); the normaliser statistics, HᵀH, HᵀG, eq 4's inner products, the token
+    counts that normalise the losses, g_θ and finally the hypernetwork gradients are summed over ranks, so each
+    rank takes the same Adam step as one process on the whole batch. Validation, checkpoints, logs and exports
+    happen on rank 0; its decisions (best, early stopping) are broadcast.
     """
 
     def __init__(self, config: AGRADETrainingHyperParams, train_set: Any = None, val_set: Any = None, *,
                  model=None, tok=None, out_dir: str | os.PathLike[str] | None = None, resume: bool = False,
-                 max_steps: int | None = None, progress: bool = True, log=print) -> None:
+                 max_steps: int | None = None, progress: bool = True, log=print,
+                 collective: Collective | None = None) -> None:
         self.config = config
+        self.coll = collective if collective is not None else get_collective()
         self.out = Path(out_dir or config.results_dir)
         self.resume = resume
         self.max_steps = int(max_steps if max_steps is not None else config.max_steps)
-        self.progress = progress
-        self.log = log
+        self.progress = progress and self.coll.is_main
+        self.log = log if self.coll.is_main else (lambda *_a, **_k: None)
         if model is None or tok is None:
             from ...lm import load_model_and_tokenizer
 
@@ -128,9 +138,16 @@ class AGRADETrainer:
         return perm[b * k:(b + 1) * k].tolist()
 
     # -- one step ----------------------------------------------------------------------------------------
+    def _global_tokens(self, mbs: Sequence[MicroBatch]) -> int:
+        """Target tokens of ``mbs`` summed over ranks (the losses are means over the *global* batch)."""
+        t = torch.tensor([float(sum(int(mb.predict_mask.sum()) for mb in mbs))], dtype=torch.float64)
+        return int(self.coll.all_reduce_(t)[0])
+
     def _edited_loss(self, mbs: Sequence[MicroBatch], n_tokens: int, coef: float, n: int,
                      ref: Sequence[torch.Tensor] | None = None) -> tuple[float, float]:
-        """Backward coef·mean-token loss over ``mbs`` (CE, or KL to ``ref`` log-probs); returns (loss, metric)."""
+        """Backward coef·mean-token loss over ``mbs`` (CE, or KL to ``ref`` log-probs), normalised by the global
+        ``n_tokens``; returns (loss summed over ranks / n_tokens, per-record metric averaged over all ranks'
+        records)."""
         total, vals, rows = 0.0, [], []
         for i, mb in enumerate(mbs):
             logits = self.editor.stack.upper(mb.hidden, mb.input_ids, mb.attention_mask, mb.predict_mask)
@@ -147,7 +164,11 @@ class AGRADETrainer:
             total += float(loss.detach())
         metric = per_record_mean(torch.cat(vals), torch.cat(rows), n)
         metric = metric[~torch.isnan(metric)]
-        return total / max(n_tokens, 1), float(metric.mean()) if metric.numel() else float("nan")
+        sums = torch.tensor([total, float(metric.sum()), float(metric.numel())], dtype=torch.float64)
+        if self.coll.is_distributed:
+            self.coll.all_reduce_(sums)
+            total = float(sums[0])
+        return total / max(n_tokens, 1), float(sums[1] / sums[2]) if float(sums[2]) else float("nan")
 
     def train_step(self, records: Sequence[EditRecord]) -> dict[str, float]:
         """One optimisation step: :meth:`compute_gradients`, clipping, Adam."""
@@ -160,54 +181,56 @@ class AGRADETrainer:
 
     def compute_gradients(self, records: Sequence[EditRecord]) -> dict[str, float]:
         """Steps 1–6 of the module docstring: leaves ∂L/∂(network parameters, η, λ) in ``.grad``."""
-        cfg, ed, sw = self.config, self.editor, self.editor.switches
+        cfg, ed, sw, coll = self.config, self.editor, self.editor.switches, self.coll
+        records = coll.shard(records)  # this rank's share of the step batch (all of it in one process)
         probes = build_probes(ed, records)
-        # 2. cache pass, normaliser update (training mode only)
+        # 2. cache pass, normaliser update (training mode only; statistics of the global batch)
         cache = ed.cache(probes.edit)
         for name in ed.stack.module_names:
-            self.nets.observe(name, *cache.get(name))
-        # 3. ΔW without grad
-        result = ed.compute(cache)
+            self.nets.observe(name, *cache.get(name), coll)
+        # 3. ΔW without grad (Gram, HᵀG and eq 4's products summed over ranks)
+        result = ed.compute(cache, coll)
         # 4. unedited reference on unrelated prompts
         with torch.no_grad():
             ref = [torch.log_softmax(ed.stack.upper(mb.hidden, mb.input_ids, mb.attention_mask,
                                                     mb.predict_mask).to(ed.dtype), -1) for mb in probes.loc]
-        # 5. apply, one backward through the upper layers into the edited weights
-        weights_copy = apply_deltas(self.model, result.deltas, mode="inplace")
-        modules = ed.stack.modules()
-        params = [m.weight for m in modules.values()]
-        try:
-            for p in params:
-                p.grad = None
-            with torch.enable_grad(), grad_only_for(self.model, params):
-                n_tok = lambda mbs: int(sum(int(mb.predict_mask.sum()) for mb in mbs))  # noqa: E731
-                gen_loss, gs = self._edited_loss(probes.equiv, n_tok(probes.equiv), cfg.gen_coef, probes.n)
-                edit_loss, es = self._edited_loss(probes.edit, n_tok(probes.edit), cfg.edit_coef, probes.n)
-                loc_loss, ls = self._edited_loss(probes.loc, n_tok(probes.loc), cfg.loc_coef, probes.n, ref=ref)
-            g_theta = {n: weight_grad_to_editor_layout(m, m.weight.grad).to(ed.dtype) for n, m in modules.items()}
-        finally:
-            for p in params:
-                p.grad = None
-            restore_weights(self.model, weights_copy)
-        # 6. surrogate (eq 7) and λ gradient per module
+        # 5. ΔW added through forward hooks as editor-dtype leaves (the LM weights are never written, whatever
+        #    their dtype); one backward through the upper layers gives g_θ = ∂L/∂ΔW = leaf.grad (editor layout)
+        with torch.enable_grad(), grad_only_for(self.model), \
+                delta_leaves(self.model, result.deltas, dtype=ed.dtype) as leaves:
+            n_tok = self._global_tokens
+            gen_loss, gs = self._edited_loss(probes.equiv, n_tok(probes.equiv), cfg.gen_coef, probes.n)
+            edit_loss, es = self._edited_loss(probes.edit, n_tok(probes.edit), cfg.edit_coef, probes.n)
+            loc_loss, ls = self._edited_loss(probes.loc, n_tok(probes.loc), cfg.loc_coef, probes.n, ref=ref)
+        g_theta = {n: (d.grad if d.grad is not None else torch.zeros_like(d)).detach() for n, d in leaves.items()}
+        for g in g_theta.values():  # each rank's loss share → the global ∂L/∂ΔW
+            coll.all_reduce_(g)
+        # 6. surrogate (eq 7) per module, local on each rank (P = H_rank M⁻¹ g_θ); λ gradient (global quantities,
+        #    identical on every rank) added after the gradient all-reduce
         self.opt.zero_grad(set_to_none=True)
         surrogate_total = 0.0
+        lambda_grads: list[tuple[str, torch.Tensor]] = []
         for me in result.modules:
             g = g_theta[me.name]
             P, lam_grad = eq.eq6_and_lambda_gradient(me.fact, me.H, g, me.delta,
                                                      use_gradient_projection=sw.gradient_projection,
                                                      regularization=sw.regularization)
             if lam_grad is not None:
-                slot = self.nets.slot(me.name)
-                ll = self.nets.nets[slot.group].log_lambda
-                if ll.grad is None:
-                    ll.grad = torch.zeros_like(ll)
-                ll.grad[slot.index] += lam_grad.to(ll.dtype)
+                lambda_grads.append((me.name, lam_grad))
             with torch.enable_grad():
-                G = ed.module_G(me.name, me.H, me.grad, me.G_prev)
+                G = ed.module_G(me.name, me.H, me.grad, me.G_prev, coll)
                 surrogate = eq.eq7_surrogate_loss(P, G)
                 surrogate.backward()
             surrogate_total += float(surrogate.detach())
+        if coll.is_distributed:
+            coll.all_reduce_grads_([p for group in self.opt.param_groups for p in group["params"]])
+            surrogate_total = float(coll.all_reduce_(torch.tensor([surrogate_total], dtype=torch.float64))[0])
+        for name, lam_grad in lambda_grads:
+            slot = self.nets.slot(name)
+            ll = self.nets.nets[slot.group].log_lambda
+            if ll.grad is None:
+                ll.grad = torch.zeros_like(ll)
+            ll.grad[slot.index] += lam_grad.to(ll.dtype)
         return {"gen_loss": gen_loss, "edit_loss": edit_loss, "loc_loss": loc_loss,
                 "loss": cfg.gen_coef * gen_loss + cfg.edit_coef * edit_loss + cfg.loc_coef * loc_loss,
                 "surrogate": surrogate_total, "es": es, "gs": gs, "ls": ls, "score": harmonic_mean(es, gs, ls),
@@ -256,9 +279,11 @@ class AGRADETrainer:
 
     # -- loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_json(self.out / "config.json", _jsonable(cfg.to_dict()))
+        cfg, main = self.config, self.coll.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(self.out / "config.json", _jsonable(cfg.to_dict()))
+        self.coll.barrier()
         if self.resume:
             self.load_checkpoint()
         bar = None
@@ -281,7 +306,10 @@ class AGRADETrainer:
             if self.step % 10 == 0 or self.step == 1:
                 self.log(json.dumps({"step": self.step, "train": _round(stats),
                                      "wall_s": round(self.state["train_wall_s"], 1)}))
-            if cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps):
+            if cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps) \
+                    and not main:  # rank 0 validates; the others take its decisions
+                self.state = self.coll.broadcast_object(self.state)
+            elif cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps):
                 val = self.validate()
                 value = val[key] if key != "loss" else val["loss"]
                 better_is_higher = key != "loss"
@@ -302,11 +330,15 @@ class AGRADETrainer:
                         self.state["stopped_early"] = True
                         self.log(f"early stopping at step {self.step}: no {key} improvement in {cfg.patience} "
                                  "validations")
-            if cfg.checkpoint_every > 0 and (self.step % cfg.checkpoint_every == 0 or self.step == self.max_steps
-                                             or self.state["stopped_early"]):
+                if self.coll.is_distributed:
+                    self.state = self.coll.broadcast_object(self.state)
+            if main and cfg.checkpoint_every > 0 and (self.step % cfg.checkpoint_every == 0
+                                                      or self.step == self.max_steps
+                                                      or self.state["stopped_early"]):
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+        self.coll.barrier()
         return {"step": self.step, **{k: self.state[k] for k in ("best", "best_step", "stopped_early")}}
 
 
@@ -365,12 +397,16 @@ def train_main(argv: list[str] | None = None) -> int:
             overrides[k] = v
     cfg = load_training_config(args.config, overrides)
     out = args.out or cfg.results_dir
+    from ...distributed.collective import init_from_env
+
+    coll = init_from_env()  # torchrun / accelerate launch: one process per rank, gloo on CPU, NCCL on GPU
     trainer = AGRADETrainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress,
-                            log=lambda s: print(s, flush=True))
+                            log=lambda s: print(s, flush=True), collective=coll)
     t0 = time.time()
     summary = trainer.run()
     summary["wall_s_this_run"] = round(time.time() - t0, 1)
-    print(json.dumps(summary), flush=True)
+    if coll.is_main:
+        print(json.dumps(summary), flush=True)
     return 0
 
 

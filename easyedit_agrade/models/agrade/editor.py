@@ -3,6 +3,17 @@
 requests → tokenised micro-batches (target mask, label shift) → layers below the first edited one, once, without
 grad → cache pass (summed CE; hooks give H and ∇G per module on target-predicting positions) → hypernetwork
 (H̃, ∇G̃) → eqs 1–2 → eq 4 against the previous module's final G → eq 3 factorisation → eq 5 ΔW.
+
+Two ways through eqs 1–5 (:meth:`AGRADEEditor.compute` picks one; they agree to rounding, tested):
+
+* **in memory** — the module's rows are concatenated and factored with :func:`~easyedit_agrade.kernels.factorize`
+  (the T×T dual form when T < Dh): the fast path for ordinary batches;
+* **streamed** — taken for data-parallel editing (a :class:`~easyedit_agrade.distributed.Collective` with several
+  ranks), a spilled cache, or when the primal form is chosen anyway (T ≥ Dh, e.g. thousands of edits). Each
+  cached piece (one micro-batch of rows) goes through the hypernetwork and eqs 1–2 on its own; HᵀH, HᵀG and
+  eq 4's inner products are accumulated piece by piece and summed over ranks; M is factored from the summed
+  Gram (:func:`~easyedit_agrade.kernels.factorize_gram`) and ΔW = M⁻¹(HᵀG). Memory beyond the cache of rows is
+  O(Dh² + Dh·Dg + piece) per module.
 """
 from __future__ import annotations
 
@@ -15,6 +26,9 @@ from torch import nn
 from ...core.cache import KeyGradCache, LayerStack, cache_keys_and_grads
 from ...core.hypernet import EditorNetworks
 from ...core.tokenize import encode_prompt_target
+from ...distributed.collective import Collective
+from ...kernels import choose_method, factorize_gram
+from ...kernels.reference import gram_ref
 from . import equations as eq
 from .agrade_hparams import AGRADEHyperParams, Switches
 
@@ -127,35 +141,71 @@ class AGRADEEditor:
 
     def lower(self, mbs: Sequence[MicroBatch]) -> None:
         """Run the frozen lower layers once per micro-batch (no grad) and keep the result on the batch."""
-        dtype = next(self.model.parameters()).dtype
         for mb in mbs:
             if mb.hidden is None:
-                if self.lower_stack is not None:
-                    mb.hidden = self.lower_stack.lower(mb.input_ids, mb.attention_mask).to(dtype)
-                else:
-                    mb.hidden = self.stack.lower(mb.input_ids, mb.attention_mask)
+                mb.hidden = self.lower_one(mb)
 
-    def cache(self, mbs: Sequence[MicroBatch]) -> KeyGradCache:
-        self.lower(mbs)
-        return cache_keys_and_grads(self.stack, [mb.as_tuple() for mb in mbs],
-                                    hidden=[mb.hidden for mb in mbs], dtype=self.dtype)  # type: ignore[misc]
+    def lower_one(self, mb: MicroBatch) -> torch.Tensor:
+        """The hidden state entering the first edited layer for one micro-batch (not stored)."""
+        dtype = next(self.model.parameters()).dtype
+        if self.lower_stack is not None:
+            return self.lower_stack.lower(mb.input_ids, mb.attention_mask).to(dtype)
+        return self.stack.lower(mb.input_ids, mb.attention_mask)
 
-    def module_G(self, name: str, H: torch.Tensor, grad: torch.Tensor, G_prev: torch.Tensor | None) -> torch.Tensor:
-        """Eqs 1, 2 and 4 for one module (differentiable w.r.t. the hypernetwork and η)."""
+    def cache(self, mbs: Sequence[MicroBatch], *, keep_hidden: bool = True,
+              spill: bool | None = None) -> KeyGradCache:
+        """H and ∇G of every edited module over ``mbs``. ``keep_hidden``: store each batch's lower-layer output
+        on it for reuse (the trainer and evaluator need it); False computes it per batch and drops it, so only
+        one batch's activations are resident. ``spill`` (default ``hparams.cache_spill``) writes the rows to
+        disk shards (see :class:`~easyedit_agrade.core.cache.KeyGradCache`); close the cache when done."""
+        if keep_hidden:
+            self.lower(mbs)
+            hidden: Sequence[torch.Tensor] = [mb.hidden for mb in mbs]  # type: ignore[misc]
+        else:
+            hidden = _LazyHidden(self, mbs)
+        spill = bool(self.hparams.cache_spill) if spill is None else spill
+        target = KeyGradCache(self.stack.module_names, spill=spill,
+                              spill_root=self.hparams.cache_spill_dir) if spill else None
+        return cache_keys_and_grads(self.stack, [mb.as_tuple() for mb in mbs], hidden=hidden, dtype=self.dtype,
+                                    cache=target)
+
+    def module_G(self, name: str, H: torch.Tensor, grad: torch.Tensor, G_prev: torch.Tensor | None,
+                 collective: Collective | None = None) -> torch.Tensor:
+        """Eqs 1, 2 and 4 for one module (differentiable w.r.t. the hypernetwork and η). With a multi-rank
+        ``collective`` eq 4's inner products are summed over ranks (differentiably)."""
+        G = self.adjusted_gradient(name, H, grad)
+        if self.switches.weight_projection:
+            reduce = collective.all_reduce if collective is not None and collective.is_distributed else None
+            G = eq.eq4_project_out(G, G_prev, all_reduce=reduce)
+        return G
+
+    def adjusted_gradient(self, name: str, H: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Eqs 1–2 (G = ∇G̃ without the adjustment ablation) — row-wise, so rows may be processed in pieces."""
         H_tilde, grad_tilde = self.nets(name, H, grad)
         if self.switches.adjustment:
             c = eq.eq1_adjustment_coefficients(H, H_tilde, self.nets.lr(name))
-            G = eq.eq2_scaled_gradient(c, grad_tilde)
-        else:
-            G = grad_tilde
-        if self.switches.weight_projection:
-            G = eq.eq4_project_out(G, G_prev)
-        return G
+            return eq.eq2_scaled_gradient(c, grad_tilde)
+        return grad_tilde
+
+    def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
+        """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
+        if (collective is not None and collective.is_distributed) or cache.spill:
+            return True
+        if self.hparams.solver == "dual":
+            return False
+        name = self.stack.module_names[0]
+        T, Dh = cache.n_rows(name), self.stack.sizes()[0][1]
+        return self.hparams.solver == "primal" or choose_method(T, Dh) == "primal"
 
     @torch.no_grad()
-    def compute(self, cache: KeyGradCache) -> EditResult:
+    def compute(self, cache: KeyGradCache, collective: Collective | None = None,
+                keep_modules: bool = True) -> EditResult:
         """ΔW for every edited module (no grad). Modules are processed in layer order; eq 4 uses the previous
-        module's final G when the shapes agree (modules of another width are not projected)."""
+        module's final G when the shapes agree (modules of another width are not projected). With a multi-rank
+        ``collective`` every rank passes its own shard's cache and gets the same ΔW. ``keep_modules=False``
+        (editing) drops the per-module rows the trainer needs."""
+        if self.use_streamed(cache, collective):
+            return self.compute_streamed(cache, collective or Collective(), keep_modules=keep_modules)
         result = EditResult(deltas={}, cache_loss=float(sum(cache.losses)))
         G_prev: torch.Tensor | None = None
         for name in self.stack.module_names:
@@ -172,11 +222,146 @@ class AGRADEEditor:
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
             result.deltas[name] = delta
-            result.modules.append(ModuleEdit(name, H, grad, G, prev, fact, delta))
+            if keep_modules:
+                result.modules.append(ModuleEdit(name, H, grad, G, prev, fact, delta))
             G_prev = G
         return result
 
-    def edit_deltas(self, prompts: Sequence[str], targets: Sequence[str]) -> EditResult:
-        """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated)."""
+    @torch.no_grad()
+    def compute_streamed(self, cache: KeyGradCache, collective: Collective,
+                         keep_modules: bool = True) -> EditResult:
+        """The streamed / data-parallel path of :meth:`compute` (module docstring): per module, pass 1 maps each
+        cached piece through eqs 1–2 and accumulates HᵀH and eq 4's inner products; they are summed over ranks;
+        pass 2 applies eq 4 piece by piece and accumulates HᵀG (summed over ranks); eq 3 is factored from the
+        global Gram and eq 5 solved on every rank. Only the previous module's G pieces are kept (on disk when
+        the cache spills)."""
+        dev = self.device
+        loss = torch.tensor([float(sum(cache.losses)), float(cache.n_rows(self.stack.module_names[0]))],
+                            dtype=torch.float64)
+        collective.all_reduce_(loss)
+        result = EditResult(deltas={}, cache_loss=float(loss[0]), n_tokens=int(loss[1]))
+        prev_store: _PieceStore | None = None
+        # fp64 sums and factor: the primal form in fp32 is accurate for ΔW but loses the λ gradient
+        # −e^λ⟨M⁻¹g_θ, ΔW⟩ to cancellation when e^λ ≪ ‖H‖² (M⁻¹g_θ is dominated by the null space of H, which
+        # ΔW is orthogonal to); the dual form avoids that, the primal needs the digits
+        acc_dtype = torch.float64
+        for name, Dh, Dg in self.stack.sizes():
+            store = _PieceStore(cache.spill_dir if cache.spill else None, name)
+            project = self.switches.weight_projection and prev_store is not None
+            # a rank may hold no rows of a small batch: it still takes part in every all-reduce with zeros
+            gram_acc = torch.zeros(Dh, Dh, dtype=acc_dtype, device=dev)
+            dots = torch.zeros(2, dtype=torch.float64)
+            prev_pieces = prev_store.pieces() if project else None
+            for H_c, g_c in cache.chunks(name, device=dev):
+                H_c, g_c = H_c.to(self.dtype), g_c.to(self.dtype)
+                G_c = self.adjusted_gradient(name, H_c, g_c)
+                gram_acc.add_(gram_ref(H_c, lower_only=True, dtype=acc_dtype))
+                if prev_pieces is not None:
+                    p_c = next(prev_pieces)
+                    if p_c.shape != G_c.shape:
+                        project, prev_pieces = False, None
+                    else:
+                        dots += torch.stack([(G_c * p_c).sum(), (p_c * p_c).sum()]).to(torch.float64).cpu()
+                store.add(G_c)
+            collective.all_reduce_(gram_acc)
+            collective.all_reduce_(dots)
+            coef = float(dots[0] / dots[1]) if project and float(dots[1]) != 0.0 else None
+            rhs = torch.zeros(Dh, Dg, dtype=gram_acc.dtype, device=dev)
+            final = _PieceStore(cache.spill_dir if cache.spill else None, name + ".final")
+            prev_pieces = prev_store.pieces() if coef is not None else None
+            for (H_c, _g), G_c in zip(cache.chunks(name, device=dev), store.pieces()):
+                if prev_pieces is not None:
+                    G_c = G_c - coef * next(prev_pieces)
+                rhs.addmm_(H_c.to(rhs.dtype).T, G_c.to(rhs.dtype))
+                final.add(G_c)
+            store.close()
+            collective.all_reduce_(rhs)
+            log_lambda = self.nets.log_lambda(name) if self.switches.regularization else None
+            H_local = grad_local = None
+            if keep_modules:
+                if cache.n_rows(name):
+                    H_local, grad_local = (t.to(self.dtype) for t in cache.get(name))
+                else:
+                    H_local = torch.zeros(0, Dh, dtype=self.dtype, device=dev)
+                    grad_local = torch.zeros(0, Dg, dtype=self.dtype, device=dev)
+            fact = factorize_gram(gram_acc, None if log_lambda is None else log_lambda.detach(),
+                                  None if H_local is None else H_local.to(acc_dtype))
+            delta = fact.solve(rhs).to(self.dtype)
+            if not bool(torch.isfinite(delta).all()):
+                raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
+            result.deltas[name] = delta
+            if keep_modules:
+                G_final = torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *final.pieces()])
+                G_prev_used = (torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *prev_store.pieces()])
+                               if coef is not None and prev_store is not None else None)
+                result.modules.append(ModuleEdit(name, H_local, grad_local, G_final, G_prev_used, fact, delta))
+            if prev_store is not None:
+                prev_store.close()
+            prev_store = final
+        if prev_store is not None:
+            prev_store.close()
+        return result
+
+    def edit_deltas(self, prompts: Sequence[str], targets: Sequence[str],
+                    collective: Collective | None = None) -> EditResult:
+        """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated). With a
+        multi-rank ``collective`` pass this rank's shard of the edits; every rank gets the same ΔW."""
         mbs = self.encode(prompts, targets)
-        return self.compute(self.cache(mbs))
+        cache = self.cache(mbs, keep_hidden=False)
+        try:
+            return self.compute(cache, collective, keep_modules=False)
+        finally:
+            cache.close()
+
+
+class _LazyHidden:
+    """``hidden[i]`` computed on demand (not stored) — the cache pass then holds one batch's activations."""
+
+    def __init__(self, editor: AGRADEEditor, mbs: Sequence[MicroBatch]) -> None:
+        self.editor, self.mbs = editor, mbs
+
+    def __len__(self) -> int:
+        return len(self.mbs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        mb = self.mbs[i]
+        return mb.hidden if mb.hidden is not None else self.editor.lower_one(mb)
+
+
+class _PieceStore:
+    """Row pieces of one module's G, in memory or (``folder`` given) as safetensors files deleted by ``close``."""
+
+    def __init__(self, folder: str | None, tag: str) -> None:
+        self.folder, self.tag = folder, tag.replace("/", "_")
+        self.items: list = []
+
+    def add(self, t: torch.Tensor) -> None:
+        if self.folder is None:
+            self.items.append(t)
+            return
+        from safetensors.torch import save_file
+
+        path = f"{self.folder}/G-{self.tag}-{len(self.items):06d}.safetensors"
+        save_file({"G": t.detach().contiguous().cpu()}, path)
+        self.items.append((path, t.device))
+
+    def pieces(self):
+        for item in self.items:
+            if self.folder is None:
+                yield item
+            else:
+                from safetensors.torch import load_file
+
+                path, device = item
+                yield load_file(path, device=str(device))["G"]
+
+    def close(self) -> None:
+        if self.folder is not None:
+            import os
+
+            for path, _ in self.items:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+        self.items = []

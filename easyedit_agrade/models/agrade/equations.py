@@ -42,20 +42,25 @@ def eq3_factorize(H: torch.Tensor, log_lambda: torch.Tensor | float | None, *, m
     return factorize(H.detach(), ll, method=method, backend=backend)
 
 
-def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None) -> torch.Tensor:
+def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
     """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev, with G_prev detached.
 
     ``G_prev`` None, of a different shape (modules of different widths cannot be projected) or zero: G unchanged.
     Differentiable in G; the map is an orthogonal projection, hence self-adjoint (its cotangent is the same
-    projection of the upstream cotangent).
+    projection of the upstream cotangent). ``all_reduce`` (data-parallel editing: each rank holds some rows of G
+    and G_prev) sums the two inner products over ranks, differentiably, so every rank applies the global
+    coefficient.
     """
     if G_prev is None or G_prev.shape != G.shape:
         return G
     p = G_prev.detach().to(G.dtype)
-    den = (p * p).sum()
+    num, den = (G * p).sum(), (p * p).sum()
+    if all_reduce is not None:
+        both = all_reduce(torch.stack([num, den.detach()]))
+        num, den = both[0], both[1].detach()
     if float(den) == 0.0:
         return G
-    return G - ((G * p).sum() / den) * p
+    return G - (num / den.detach()) * p
 
 
 def eq5_delta(fact: RidgeFactorization, G: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,9 @@ class InstructEditHyperParams(ValidatedHyperParamsMixin, _Base):
     #: edits per forward/backward when caching u and δ
     cache_batch_size: int = 16
     editor_dtype: Literal["float32", "float64"] = "float32"
-    #: how ΔW enters the weights: ``auto`` (in place for fp32/fp64 weights, an fp32 hook for bf16/fp16)
+    #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
+    #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
+    #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
     apply_mode: Literal["auto", "inplace", "hook"] = "auto"
     extra: dict = field(default_factory=dict)
 
