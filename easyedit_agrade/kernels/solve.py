@@ -309,22 +309,21 @@ def factorize_gram(
     elif H.dim() != 2 or H.shape[1] != Dh:
         raise ValueError(f"H must be (T, {Dh}), got shape {tuple(H.shape)}")
     H = H.detach()
-    lower = gram.tril()
-    full = lower + lower.tril(-1).T
     info: dict = {"method": "primal", "fallback": "none", "jitter": 0.0, "from_gram": True}
     if log_lambda is None:
-        factor = _pinv_factor(full.to(torch.float64), info)
+        lower = gram.tril().to(torch.float64)
+        factor = _pinv_factor(lower + lower.tril(-1).T, info)
         info.update(exp_lambda=None, factor_dtype=str(torch.float64))
         return RidgeFactorization(H, "primal", None, factor, chunk_size, info)
-    lam = _exp_lambda(log_lambda, full, dtype)
+    lam = _exp_lambda(log_lambda, gram, dtype)
 
-    def build(build_dtype: torch.dtype) -> torch.Tensor:
-        A = lower.to(build_dtype).clone()
-        A.diagonal().add_(_exp_lambda(log_lambda, full, build_dtype))
+    def build(build_dtype: torch.dtype) -> torch.Tensor:  # one Dh×Dh copy besides the given Gram and the factor
+        A = gram.tril().to(build_dtype)
+        A.diagonal().add_(_exp_lambda(log_lambda, gram, build_dtype))
         return A
 
     L = _checked_cholesky(build, dtype, info)
     info.update(exp_lambda=float(lam), factor_dtype=str(L.dtype))
     fact = RidgeFactorization(H, "primal", lam, L, chunk_size, info)
-    fact._dtype = dtype
+    fact._dtype = dtype  # results in the Gram's precision even when the local rows H are fp32
     return fact
