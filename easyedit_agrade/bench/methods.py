@@ -146,14 +146,38 @@ def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
         yield
 
 
+MEND_NO_ARCHIVE = ("MEND needs a trained MEND hypernetwork archive (EasyEdit's EditTrainer with "
+                   "MENDTrainingHparams, on this model); none exists for SmolLM2-135M-Instruct and none can be "
+                   "downloaded, so EasyEdit's executor stops with 'Training weights Needed'")
+
+
+class MethodUnavailable(RuntimeError):
+    """A method cannot run with its hparams on this checkout (found before the model is loaded)."""
+
+
+def preflight(spec: MethodSpec, hparams: Any) -> None:
+    """Raise :class:`MethodUnavailable` with a clear message for a run that is known to fail before it starts.
+
+    MEND without ``archive:``: EasyEdit 0.0.1.dev0's executor only asserts ``params.archive is not None`` (a bare
+    ``AssertionError`` that prints 'Training weights Needed....' to stdout), which is all the bench could report.
+    """
+    if spec.alg_name == "MEND" and not getattr(hparams, "archive", None):
+        raise MethodUnavailable(f"{spec.name}: `archive:` in {spec.hparams_file} is empty, and EasyEdit's MEND "
+                                "executor cannot edit without a trained MEND hypernetwork (it stops with a bare "
+                                "AssertionError, 'Training weights Needed')")
+
+
 def diagnose(spec: MethodSpec, hparams: Any, exc: BaseException) -> str | None:
     """A plain-language reason for known failures (shown next to the raw error)."""
     if spec.alg_name == "MEND" and not getattr(hparams, "archive", None):
-        return ("MEND needs a trained MEND hypernetwork archive (EasyEdit's EditTrainer with MENDTrainingHparams, "
-                "on this model); none exists for SmolLM2-135M-Instruct and none can be downloaded, so EasyEdit's "
-                "executor stops with 'Training weights Needed'")
+        return MEND_NO_ARCHIVE
     text = f"{type(exc).__name__}: {exc}"
-    if "archive" in text.lower() and spec.alg_name in ("AGRADE", "InstructEdit"):
+    if "archive" in text.lower() and spec.alg_name == "AGRADE":
+        from ..models.agrade.archive import retrain_hint
+
+        what = "its own trained archive (`preset: malmen`)" if spec.name == "MALMEN" else "a trained archive"
+        return f"{spec.name} needs {what} for this model: {retrain_hint(hparams)}"
+    if "archive" in text.lower() and spec.alg_name == "InstructEdit":
         return f"{spec.name} needs a trained hypernetwork archive for this model (`easyedit-agrade train`)"
     if isinstance(exc, NotImplementedError):
         return f"{spec.name} is not implemented yet in this checkout"

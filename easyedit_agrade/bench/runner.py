@@ -33,6 +33,8 @@ SCHEMA = "easyedit-agrade-bench/1"
 FULL_SIZES = (1, 16, 128, 512, 2048)
 QUICK_SIZES = (1, 4)
 QUICK_METHODS = ("AGRADE", "MALMEN", "InstructEdit", "FT", "MEND")
+#: a run whose WikiText-2 perplexity exceeds this many times the unedited model's is flagged ``collapsed``
+COLLAPSE_PPL_FACTOR = 10.0
 #: InstructEdit task name per data family (requests carry it as "task"; other methods ignore the key)
 FAMILY_TASK = {"zsre": "zsre", "counterfact": "counterfact", "wiki_counterfact": "counterfact",
                "wiki_recent": "wikirecent", "mquake": "counterfact"}
@@ -400,7 +402,8 @@ class Bench:
 
         from ..integration.cpu_compat import cuda_on_cpu
         from ..lm import load_model_and_tokenizer
-        from .methods import apply_edits, diagnose, edit_mode, load_hparams, make_editor, method_context
+        from .methods import (MethodUnavailable, apply_edits, diagnose, edit_mode, load_hparams, make_editor,
+                              method_context, preflight)
         from .resources import measure
 
         spec = METHODS[name]
@@ -417,6 +420,12 @@ class Bench:
                                          "hparams": str(spec.hparams_path(hdir or Path("hparams"))), "mode": mode,
                                          "mode_reason": why, "overrides": dict(spec.overrides)}
         entry["mode"] = mode
+        try:
+            preflight(spec, hparams)
+        except MethodUnavailable as exc:  # known not to run: say why, without loading a model
+            entry.update(status="failed", stage="preflight", error=error_text(exc), traceback=None,
+                         diagnosis=diagnose(spec, hparams, exc))
+            return entry
         _seed_everything(self.cfg["seed"])
         model, tok = load_model_and_tokenizer(self.model_alias)
         tok.padding_side = "left"
@@ -468,6 +477,11 @@ class Bench:
         base = self.baseline_general
         if "ppl" in general and "ppl" in base:
             general["ppl_delta"] = general["ppl"] - base["ppl"]
+            if general["ppl"] > COLLAPSE_PPL_FACTOR * base["ppl"]:
+                entry["collapsed"] = True
+                notes.append(f"{name} N={n}: the edit broke the model (WikiText-2 perplexity {general['ppl']:.4g}, "
+                             f"unedited {base['ppl']:.4g}); near-zero ES/GS/LS in this run measure a broken model, "
+                             "not a faulty evaluation")
         if "mc" in general and "mc" in base:
             general["mc_acc_delta"] = general["mc"]["acc"] - base["mc"]["acc"]
         entry.update(status="ok", eval_seconds=time.perf_counter() - t0, n_eval_records=len(eval_records),

@@ -58,6 +58,10 @@ class Collective:
         """Rank 0's ``obj`` on every rank."""
         return obj
 
+    def all_gather_1d(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The 1-D ``tensor`` of every rank concatenated in rank order (lengths may differ between ranks)."""
+        return tensor
+
     def barrier(self) -> None:
         pass
 
@@ -109,6 +113,17 @@ class TorchCollective(Collective):
             n = p.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad).to(p.grad.dtype))
             offset += n
+
+    def all_gather_1d(self, tensor: torch.Tensor) -> torch.Tensor:
+        lengths = torch.zeros(self.world_size, dtype=torch.float64)
+        lengths[self.rank] = tensor.numel()
+        self.all_reduce_(lengths)
+        sizes = [int(n) for n in lengths.tolist()]
+        padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=self._device)
+        padded[:tensor.numel()] = tensor.detach().reshape(-1).to(self._device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(tensor.device)
 
     def broadcast_object(self, obj: T) -> T:
         box = [obj]

@@ -42,3 +42,44 @@ def test_quick_bench_end_to_end(tmp_path, shared_data, easyeditor_module, embedd
     from easyedit_agrade.paths import REPO_ROOT
 
     assert str(REPO_ROOT) not in (out / "results.json").read_text()  # no machine paths in the output
+
+
+def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyeditor_module, embedded_model_dir):
+    """Regressions of the full benchmark: InstructEdit's second sequential edit was rejected by the archive's
+    weights fingerprint (N>1 'failed'), and AGRADE's N=16 set (the pool's 13th record puts an attention-sink
+    token of SmolLM2 at a target position) wrecked the model: ES/GS/LS 0, perplexity ~10^10. MALMEN without its
+    own archive and MEND without one fail with messages that say what to do."""
+    from easyedit_agrade.bench import bench_main
+
+    out = tmp_path / "bench"
+    rc = bench_main(["--quick", "--methods", "AGRADE,MALMEN,InstructEdit,MEND", "--sizes", "2,13", "--out", str(out),
+                     "--no-plots", "--threads", "1"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["n_edits"]): r for r in res["runs"]}
+    base_ppl = res["baseline"]["general"]["ppl"]
+    for key in [("AGRADE", 2), ("AGRADE", 13), ("InstructEdit", 2), ("InstructEdit", 13)]:
+        r = runs[key]
+        assert r["status"] == "ok", (key, r.get("error"))
+        assert r["general"]["ppl"] < 3 * base_ppl and not r.get("collapsed"), (key, r["general"]["ppl"], base_ppl)
+        assert r["metrics"]["LS"] > 0.3 and r["metrics"]["ES"] > r["before"]["ES"], (key, r["metrics"]["LS"])
+    malmen = runs[("MALMEN", 2)]
+    assert malmen["status"] == "failed"
+    assert "--preset malmen" in malmen["error"] and "--preset malmen" in malmen["diagnosis"]
+    mend = runs[("MEND", 2)]
+    assert mend["status"] == "failed" and mend["stage"] == "preflight" and "archive" in mend["error"]
+    assert runs[("MALMEN", 13)]["status"] == runs[("MEND", 13)]["status"] == "skipped"
+
+
+def test_preflight_and_diagnosis_messages(easyeditor_module):
+    from easyedit_agrade.bench.methods import METHODS, MethodUnavailable, diagnose, load_hparams, preflight
+    from easyedit_agrade.models.agrade.archive import ArchiveNotFoundError
+
+    mend = load_hparams(METHODS["MEND"])
+    mend.archive = None
+    with pytest.raises(MethodUnavailable, match="archive"):
+        preflight(METHODS["MEND"], mend)
+    malmen = load_hparams(METHODS["MALMEN"])
+    preflight(METHODS["MALMEN"], malmen)  # nothing to say before the archive lookup
+    why = diagnose(METHODS["MALMEN"], malmen, ArchiveNotFoundError("no trained AGRADE archive ..."))
+    assert "easyedit-agrade train hparams/TRAINING/AGRADE/smollm2-135m.yaml --preset malmen --out" in why

@@ -95,3 +95,32 @@ def test_shipped_archive_is_found_out_of_the_box(embedded_model):
         pytest.skip(f"{shipped.name} not shipped yet")
     hp = InstructEditHyperParams.from_hparams(str(REPO_ROOT / "hparams/InstructEdit/smollm2-135m"))
     assert find_archive(embedded_model[0], hp) == shipped
+
+
+def test_sequential_edits_on_an_already_edited_model(embedded_model, tiny_archive, tiny_instructions, monkeypatch):
+    """The archive's fingerprint covers the edited weights' values: the second of two sequential edits (the bench's
+    ``batch_size: 1`` mode, BaseEditor's ``sequential_edit=True``) sees weights changed by the first and must not be
+    rejected as a model the archive was not trained for (it failed with ArchiveNotFoundError/ArchiveMismatchError)."""
+    from easyedit_agrade.core.weights import restore_weights
+    from easyedit_agrade.models.instructedit import InstructEditHyperParams, instructedit_main
+
+    monkeypatch.setattr(instructedit_main, "load_instructions", lambda path=None: tiny_instructions)
+    model, tok = embedded_model
+    hp = InstructEditHyperParams.from_hparams(str(REPO_ROOT / "hparams/InstructEdit/smollm2-135m"))
+    hp.archive, hp.batch_size = str(tiny_archive), 1
+    requests = [{"prompt": "The capital of Germany is", "target_new": "Paris", "task": "counterfact"},
+                {"prompt": "Apple A5 was created by", "target_new": "Google", "task": "counterfact"}]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    originals: dict = {}
+    try:
+        for req in requests:
+            model, copy = instructedit_main.apply_instructedit_to_model(model, tok, [req], hp,
+                                                                        return_orig_weights=True)
+            for k, v in copy.items():
+                originals.setdefault(k, v)
+        name = hp.inner_params[0]
+        assert not torch.equal(dict(model.named_parameters())[name], before[name])  # both edits applied
+    finally:
+        restore_weights(model, originals)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

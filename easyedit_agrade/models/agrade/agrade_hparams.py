@@ -69,6 +69,9 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     cache_spill_dir: Optional[str] = None
     editor_dtype: Literal["float32", "float64"] = "float32"
     kernels_backend: Optional[Literal["auto", "torch", "triton"]] = None
+    #: target positions whose edited-module input row is longer than this many times the median row (massive
+    #: activations of attention-sink tokens) get G = 0 in that module; None: off. See ``models/agrade/outliers.py``
+    max_key_norm_ratio: Optional[float] = 4.0
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -82,6 +85,8 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("rank must be >= 1 and n_blocks >= 0")
         if not self.inner_params:
             raise HyperParamsError("inner_params must name at least one weight")
+        if self.max_key_norm_ratio is not None and not self.max_key_norm_ratio > 1:
+            raise HyperParamsError("max_key_norm_ratio must be > 1 (or null to turn the check off)")
         # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
         # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
         # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.

@@ -6,8 +6,9 @@ One training step on ``n_edits`` records:
 2. cache pass on the edit prompts (summed CE) → H, ∇G per module; the normaliser observes them (train mode only);
 3. ΔW per module without grad (eqs 1–5, :class:`~.editor.AGRADEEditor`);
 4. unedited reference distributions on the unrelated prompts (upper layers only, no grad);
-5. ΔW applied; L = gen_coef·CE(equivalent) + edit_coef·CE(edit) + loc_coef·KL(unedited ‖ edited on unrelated)
-   backpropagated **once** through the upper layers into the edited weights → g_θ = ∂L/∂ΔW; weights restored;
+5. ΔW added through fp32 forward hooks as leaves (``core.weights.delta_leaves``; the LM weights are never
+   written, whatever their dtype); L = gen_coef·CE(equivalent) + edit_coef·CE(edit) + loc_coef·KL(unedited ‖
+   edited on unrelated) backpropagated **once** through the upper layers → g_θ = ∂L/∂ΔW = leaf.grad;
 6. per module: P = H M⁻¹ g_θ (eq 6, same factorisation as the edit), ∂L/∂λ = −e^λ⟨M⁻¹g_θ, ΔW⟩, and the
    surrogate L_AGRADE = Σ P ⊙ G (eq 7) with G recomputed with grad (eqs 1, 2, 4) → hypernetwork and η grads;
 7. gradient clipping, Adam step (separate groups and rates for the body, η and λ).
@@ -114,6 +115,9 @@ class AGRADETrainer:
             self.val_records = val_all[config.val_start:config.val_start + config.val_size]
         if len(self.train_records) < config.n_edits:
             raise ValueError(f"{len(self.train_records)} training records < n_edits={config.n_edits}")
+        if config.n_edits < self.coll.world_size:
+            raise ValueError(f"n_edits={config.n_edits} < world_size={self.coll.world_size}: every rank needs at "
+                             "least one edit per step")
         self.nets = build_networks(model, config, seed=config.seed)
         dtype = torch.float64 if config.editor_dtype == "float64" else torch.float32
         self.nets.to(dtype=dtype, device=next(model.parameters()).device)
@@ -218,7 +222,7 @@ class AGRADETrainer:
             if lam_grad is not None:
                 lambda_grads.append((me.name, lam_grad))
             with torch.enable_grad():
-                G = ed.module_G(me.name, me.H, me.grad, me.G_prev, coll)
+                G = ed.module_G(me.name, me.H, me.grad, me.G_prev, coll, me.key_reference)
                 surrogate = eq.eq7_surrogate_loss(P, G)
                 surrogate.backward()
             surrogate_total += float(surrogate.detach())

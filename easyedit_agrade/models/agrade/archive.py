@@ -28,6 +28,41 @@ FORMAT = "easyedit_agrade.agrade/1"
 ARCHIVES_DIR = REPO_ROOT / "archives"
 RETRAIN_HINT = ("train a matching archive with `easyedit-agrade train hparams/TRAINING/AGRADE/<model>.yaml --out "
                 "runs/agrade-<model>` and point `archive:` in the editing YAML at its best.safetensors")
+TRAINING_HPARAMS_DIR = REPO_ROOT / "hparams" / "TRAINING" / "AGRADE"
+_SWITCHES = ("use_adjustment", "use_regularization", "use_weight_projection", "use_gradient_projection")
+
+
+def _training_config_for(model_name: str) -> Path | None:
+    """The shipped training YAML for ``model_name`` (its ``model_name:`` field), if there is one."""
+    import yaml
+
+    for path in sorted(TRAINING_HPARAMS_DIR.glob("*.yaml")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if str(cfg.get("model_name")) == model_name:
+            return path
+    return None
+
+
+def retrain_hint(hparams: AGRADEHyperParams | None = None) -> str:
+    """How to train an archive that matches ``hparams``: the training YAML for its model when one is shipped, and
+    the flags for its preset and switched-off parts (e.g. ``--preset malmen`` for the MALMEN preset)."""
+    if hparams is None:
+        return RETRAIN_HINT
+    found = _training_config_for(str(hparams.model_name))
+    config = found.relative_to(REPO_ROOT).as_posix() if found is not None else "hparams/TRAINING/AGRADE/<model>.yaml"
+    stem = found.stem if found is not None else "<model>"
+    flags = []
+    if hparams.preset != "agrade":
+        flags.append(f"--preset {hparams.preset}")
+    flags += [f"--set {key}=false" for key in _SWITCHES if not getattr(hparams, key)]
+    out = f"runs/{hparams.preset}-{stem}"
+    command = " ".join(["easyedit-agrade train", config, *flags, "--out", out])
+    return (f"train a matching archive with `{command}` and point `archive:` in the editing YAML at "
+            f"{out}/best.safetensors")
 
 
 class ArchiveNotFoundError(FileNotFoundError):
@@ -108,11 +143,12 @@ def find_archive(model: nn.Module, hparams: AGRADEHyperParams, folder: Path | No
         if not path.is_absolute() and not path.exists():
             path = REPO_ROOT / path
         if not path.is_file():
-            raise ArchiveNotFoundError(f"AGRADE archive {hparams.archive!r} does not exist; {RETRAIN_HINT}")
+            raise ArchiveNotFoundError(f"AGRADE archive {hparams.archive!r} does not exist; "
+                                       f"{retrain_hint(hparams)}")
         problems = _check(read_metadata(path), model, hparams, path)
         if problems:
             raise ArchiveMismatchError(f"AGRADE archive {path.name} does not match: " + "; ".join(problems)
-                                       + f". Either fix the hparams or {RETRAIN_HINT}")
+                                       + f". Either fix the hparams or {retrain_hint(hparams)}")
         return path
     folder = folder or ARCHIVES_DIR
     candidates = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -132,7 +168,7 @@ def find_archive(model: nn.Module, hparams: AGRADEHyperParams, folder: Path | No
     detail = (" Candidates checked: " + " | ".join(reasons) + ".") if reasons else " No AGRADE archive was found."
     raise ArchiveNotFoundError(f"no trained AGRADE archive in {folder} matches this model and hparams "
                                f"(model {str(hparams.model_name)!r}, inner_params {list(hparams.inner_params)}).{detail} "
-                               f"Set `archive:` in the hparams YAML, or {RETRAIN_HINT}")
+                               f"Set `archive:` in the hparams YAML, or {retrain_hint(hparams)}")
 
 
 def load_networks(path: str | os.PathLike[str], model: nn.Module, hparams: AGRADEHyperParams,
@@ -142,7 +178,7 @@ def load_networks(path: str | os.PathLike[str], model: nn.Module, hparams: AGRAD
     problems = _check(meta, model, hparams, Path(path))
     if problems:
         raise ArchiveMismatchError(f"AGRADE archive {Path(path).name} does not match: " + "; ".join(problems)
-                                   + f". {RETRAIN_HINT}")
+                                   + f". {retrain_hint(hparams)}")
     nets = build_networks(model, hparams)
     nets.load_state_dict(tensors, strict=True)
     nets.to(dtype=dtype)

@@ -30,6 +30,7 @@ from ...distributed.collective import Collective
 from ...kernels import choose_method, factorize_gram
 from ...kernels.reference import gram_ref
 from . import equations as eq
+from .outliers import row_norm_median, suppress_massive_rows
 from .agrade_hparams import AGRADEHyperParams, Switches
 
 
@@ -92,6 +93,7 @@ class ModuleEdit:
     G_prev: torch.Tensor | None  # the G eq 4 projected against (None when eq 4 was not applied)
     fact: object
     delta: torch.Tensor
+    key_reference: torch.Tensor | None = None  # median row norm for the massive-row check (global over ranks)
 
 
 @dataclass
@@ -170,22 +172,29 @@ class AGRADEEditor:
                                     cache=target)
 
     def module_G(self, name: str, H: torch.Tensor, grad: torch.Tensor, G_prev: torch.Tensor | None,
-                 collective: Collective | None = None) -> torch.Tensor:
+                 collective: Collective | None = None,
+                 key_reference: torch.Tensor | None = None) -> torch.Tensor:
         """Eqs 1, 2 and 4 for one module (differentiable w.r.t. the hypernetwork and η). With a multi-rank
         ``collective`` eq 4's inner products are summed over ranks (differentiably)."""
-        G = self.adjusted_gradient(name, H, grad)
+        G = self.adjusted_gradient(name, H, grad, key_reference)
         if self.switches.weight_projection:
             reduce = collective.all_reduce if collective is not None and collective.is_distributed else None
             G = eq.eq4_project_out(G, G_prev, all_reduce=reduce)
         return G
 
-    def adjusted_gradient(self, name: str, H: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Eqs 1–2 (G = ∇G̃ without the adjustment ablation) — row-wise, so rows may be processed in pieces."""
+    def adjusted_gradient(self, name: str, H: torch.Tensor, grad: torch.Tensor,
+                          key_reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Eqs 1–2 (G = ∇G̃ without the adjustment ablation) — row-wise, so rows may be processed in pieces.
+        Rows of massive activations (norm above ``hparams.max_key_norm_ratio`` × ``key_reference``, by default
+        the median row norm of ``H``; pass the median over *all* rows when ``H`` is one piece) get G = 0:
+        see :mod:`.outliers`."""
         H_tilde, grad_tilde = self.nets(name, H, grad)
         if self.switches.adjustment:
             c = eq.eq1_adjustment_coefficients(H, H_tilde, self.nets.lr(name))
-            return eq.eq2_scaled_gradient(c, grad_tilde)
-        return grad_tilde
+            G = eq.eq2_scaled_gradient(c, grad_tilde)
+        else:
+            G = grad_tilde
+        return suppress_massive_rows(G, H, getattr(self.hparams, "max_key_norm_ratio", None), key_reference)
 
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
         """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
@@ -252,9 +261,12 @@ class AGRADEEditor:
             gram_acc = torch.zeros(Dh, Dh, dtype=acc_dtype, device=dev)
             dots = torch.zeros(2, dtype=torch.float64)
             prev_pieces = prev_store.pieces() if project else None
+            # the massive-row check compares with the median over all of this module's rows, as compute() does
+            key_ref = (self._global_row_norm_median(cache, name, collective)
+                       if getattr(self.hparams, "max_key_norm_ratio", None) is not None else None)
             for H_c, g_c in cache.chunks(name, device=dev):
                 H_c, g_c = H_c.to(self.dtype), g_c.to(self.dtype)
-                G_c = self.adjusted_gradient(name, H_c, g_c)
+                G_c = self.adjusted_gradient(name, H_c, g_c, key_ref)
                 gram_acc.add_(gram_ref(H_c, lower_only=True, dtype=acc_dtype))
                 if prev_pieces is not None:
                     p_c = next(prev_pieces)
@@ -284,8 +296,8 @@ class AGRADEEditor:
                 else:
                     H_local = torch.zeros(0, Dh, dtype=self.dtype, device=dev)
                     grad_local = torch.zeros(0, Dg, dtype=self.dtype, device=dev)
-            fact = factorize_gram(gram_acc, None if log_lambda is None else log_lambda.detach(),
-                                  None if H_local is None else H_local.to(acc_dtype))
+            # H stays in the editor dtype (its chunks are cast to fp64 inside eq 6's product)
+            fact = factorize_gram(gram_acc, None if log_lambda is None else log_lambda.detach(), H_local)
             delta = fact.solve(rhs).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
@@ -294,13 +306,25 @@ class AGRADEEditor:
                 G_final = torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *final.pieces()])
                 G_prev_used = (torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *prev_store.pieces()])
                                if coef is not None and prev_store is not None else None)
-                result.modules.append(ModuleEdit(name, H_local, grad_local, G_final, G_prev_used, fact, delta))
+                result.modules.append(ModuleEdit(name, H_local, grad_local, G_final, G_prev_used, fact, delta,
+                                                 key_ref))
             if prev_store is not None:
                 prev_store.close()
             prev_store = final
         if prev_store is not None:
             prev_store.close()
         return result
+
+    def _global_row_norm_median(self, cache: KeyGradCache, name: str,
+                                collective: Collective) -> torch.Tensor | None:
+        """Median row norm of ``name``'s cached H over all pieces and, data-parallel, over all ranks (the row
+        norms — T floats — are gathered), so every rank flags the same rows as one process would."""
+        if not collective.is_distributed:
+            return row_norm_median(cache.chunks(name, device=self.device), self.dtype)
+        norms = [h.to(self.dtype).norm(dim=1) for h, _ in cache.chunks(name, device=self.device)]
+        local = torch.cat(norms) if norms else torch.zeros(0, dtype=self.dtype, device=self.device)
+        every = collective.all_gather_1d(local)
+        return every.median() if every.numel() else None
 
     def edit_deltas(self, prompts: Sequence[str], targets: Sequence[str],
                     collective: Collective | None = None) -> EditResult:

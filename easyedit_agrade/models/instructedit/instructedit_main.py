@@ -9,18 +9,21 @@
   With ``use_instruction: false`` (multi-task MEND) nothing is wrapped.
 * Requests are edited in chunks of ``hparams.batch_size`` (one ΔW per chunk, applied before the next chunk).
 * Returns ``(model, weights_copy)`` with exact clones of the original weights (bit-exact restore with
-  ``param[...] = v`` or :func:`easyedit_agrade.core.weights.restore_weights`).
+  ``param[...] = v`` or :func:`easyedit_agrade.core.weights.restore_weights`). ``apply_mode: auto`` writes ΔW
+  into the weights for every dtype (16-bit weights: fp32 master, cast once) since EasyEdit's ``param[...] = v``
+  cannot remove a forward hook (:func:`easyedit_agrade.core.weights.executor_apply_mode`).
 """
 from __future__ import annotations
 
 import copy as _copy
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ...core.weights import apply_deltas
+from ...core.weights import apply_deltas, executor_apply_mode
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
 from .editor import InstructEditEditor
 from .instructedit_hparams import InstructEditHyperParams
@@ -39,15 +42,26 @@ def clear_archive_cache() -> None:
 
 
 def networks_for(model, hparams: InstructEditHyperParams):
-    path = find_archive(model, hparams)
+    """The archive's network for ``model``. The archive is located and fingerprint-checked the first time a given
+    model object is edited with it; later calls on the same object reuse that result. The fingerprint covers the
+    *values* of the edited weights, so re-checking it would reject a model that this executor has already edited
+    (sequential editing: ``batch_size: 1``, or ``BaseEditor.edit(..., sequential_edit=True)``)."""
     dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
     device = next(model.parameters()).device
+    hkey = (id(model), str(hparams.archive), tuple(hparams.inner_params), hparams.rank, hparams.n_blocks,
+            bool(hparams.use_instruction), str(dtype), str(device))
+    with _LOCK:
+        hit = _CACHE.get(("model",) + hkey)
+        if hit is not None and hit[0]() is model:
+            return hit[1], hit[2]
+    path = find_archive(model, hparams)
     key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, str(dtype), str(device))
     with _LOCK:
         nets = _CACHE.get(key)
         if nets is None:
             nets = load_networks(path, model, hparams, dtype=dtype).to(device)
             _CACHE[key] = nets
+        _CACHE[("model",) + hkey] = (weakref.ref(model), nets, path)
     return nets, path
 
 
@@ -83,9 +97,11 @@ def execute_instructedit(model, tok, requests, hparams: InstructEditHyperParams,
     targets = [r["target_new"] for r in requests]
     editor = InstructEditEditor(model, tok, hparams, nets)
     weights_copy: dict[str, torch.Tensor] = {}
+    masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights (see core.weights.executor_apply_mode)
+    mode = executor_apply_mode(hparams.apply_mode)
     for start in range(0, len(prompts), hparams.batch_size):
         deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size], targets[start:start + hparams.batch_size])
-        apply_deltas(model, deltas, mode=hparams.apply_mode, weights_copy=weights_copy)
+        apply_deltas(model, deltas, mode=mode, weights_copy=weights_copy, masters=masters)
     return weights_copy
 
 
