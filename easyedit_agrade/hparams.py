@@ -133,6 +133,18 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` (the ``--set`` option of the training commands) → ``{key: YAML-parsed value}``;
+    a ``ValueError`` names the malformed item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 class ValidatedHyperParamsMixin:
     """``from_hparams`` / ``from_dict`` / ``to_dict`` with strict validation, for dataclass hyperparameters.
 
@@ -172,8 +184,9 @@ class ValidatedHyperParamsMixin:
         return cls(**values)
 
     @classmethod
-    def from_hparams(cls, hparams_name_or_path: str | os.PathLike[str]):
-        """Load ``<path>.yaml`` (``.yaml`` appended when missing, as in EasyEdit) and validate it."""
+    def from_hparams(cls, hparams_name_or_path: str | os.PathLike[str], overrides: dict | None = None):
+        """Load ``<path>.yaml`` (``.yaml`` appended when missing, as in EasyEdit) and validate it, with
+        ``overrides`` (e.g. from ``--set KEY=VALUE``) replacing keys of the file first."""
         path = str(hparams_name_or_path)
         if not path.endswith((".yaml", ".yml")):
             path = path + ".yaml"
@@ -184,7 +197,10 @@ class ValidatedHyperParamsMixin:
                 config = yaml.safe_load(stream)
             except yaml.YAMLError as exc:
                 raise HyperParamsError(f"{path}: not valid YAML: {exc}") from exc
-        obj = cls.from_dict(config if config is not None else {}, source=path)
+        config = config if config is not None else {}
+        if overrides and isinstance(config, dict):
+            config = {**config, **overrides}
+        obj = cls.from_dict(config, source=path)
         obj._source_path = path
         return obj
 

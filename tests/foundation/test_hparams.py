@@ -114,3 +114,17 @@ def test_easyedit_baseline_loader_adapts_and_validates(easyeditor_module, tmp_pa
     del cfg["layers"]
     with pytest.raises(HyperParamsError, match="'layers'"):
         load_easyedit_hparams(_write(tmp_path, cfg))
+
+
+def test_set_overrides_are_parsed_and_applied_before_validation():
+    from easyedit_agrade.hparams import parse_set_overrides
+    from easyedit_agrade.models.agrade import AGRADETrainingHyperParams
+
+    over = parse_set_overrides(["use_weight_projection=false", "lr = 0.0001", "n_edits=8"])
+    assert over == {"use_weight_projection": False, "lr": 1e-4, "n_edits": 8}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_set_overrides(["lr"])
+    cfg = AGRADETrainingHyperParams.from_hparams(REPO_ROOT / "hparams/TRAINING/AGRADE/smollm2-135m", over)
+    assert cfg.use_weight_projection is False and cfg.n_edits == 8
+    with pytest.raises(Exception, match="no_such_key"):
+        AGRADETrainingHyperParams.from_hparams(REPO_ROOT / "hparams/TRAINING/AGRADE/smollm2-135m", {"no_such_key": 1})

@@ -15,13 +15,11 @@
 from __future__ import annotations
 
 import copy as _copy
-import threading
-import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...core.archive_cache import ArchiveCache
 from ...core.weights import apply_deltas, executor_apply_mode
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
@@ -31,35 +29,17 @@ from .editor import AGRADEEditor
 __all__ = ["apply_agrade_to_model", "execute_agrade", "ArchiveNotFoundError", "ArchiveMismatchError",
            "clear_archive_cache"]
 
-_CACHE: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
+_ARCHIVES = ArchiveCache()
 
 
 def clear_archive_cache() -> None:
-    with _LOCK:
-        _CACHE.clear()
+    _ARCHIVES.clear()
 
 
 def _networks_for(model, hparams: AGRADEHyperParams):
-    """The archive's network for ``model``. The archive is located and fingerprint-checked the first time a given
-    model object is edited with it (later calls — e.g. sequential edits on the already-edited model — reuse it)."""
-    dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
-    device = next(model.parameters()).device
-    hkey = (id(model), str(hparams.archive), tuple(hparams.inner_params), hparams.rank, hparams.n_blocks,
-            str(dtype), str(device))
-    with _LOCK:
-        hit = _CACHE.get(("model",) + hkey)
-        if hit is not None and hit[0]() is model:
-            return hit[1], hit[2]
-    path = find_archive(model, hparams)
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, str(dtype), str(device))
-    with _LOCK:
-        nets = _CACHE.get(key)
-        if nets is None:
-            nets = load_networks(path, model, hparams, dtype=dtype).to(device)
-            _CACHE[key] = nets
-        _CACHE[("model",) + hkey] = (weakref.ref(model), nets, path)
-    return nets, path
+    """The archive's network for ``model`` (loaded and checked once per model object, see
+    :mod:`easyedit_agrade.core.archive_cache`)."""
+    return _ARCHIVES.networks_for(model, hparams, find_archive, load_networks)
 
 
 def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,

@@ -16,13 +16,11 @@
 from __future__ import annotations
 
 import copy as _copy
-import threading
-import weakref
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ...core.archive_cache import ArchiveCache
 from ...core.weights import apply_deltas, executor_apply_mode
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
 from .editor import InstructEditEditor
@@ -32,37 +30,17 @@ from .instructions import is_wrapped, load_instructions, sentiment_label
 __all__ = ["apply_instructedit_to_model", "execute_instructedit", "instructed_prompts", "ArchiveNotFoundError",
            "ArchiveMismatchError", "clear_archive_cache"]
 
-_CACHE: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
+_ARCHIVES = ArchiveCache()
 
 
 def clear_archive_cache() -> None:
-    with _LOCK:
-        _CACHE.clear()
+    _ARCHIVES.clear()
 
 
 def networks_for(model, hparams: InstructEditHyperParams):
-    """The archive's network for ``model``. The archive is located and fingerprint-checked the first time a given
-    model object is edited with it; later calls on the same object reuse that result. The fingerprint covers the
-    *values* of the edited weights, so re-checking it would reject a model that this executor has already edited
-    (sequential editing: ``batch_size: 1``, or ``BaseEditor.edit(..., sequential_edit=True)``)."""
-    dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
-    device = next(model.parameters()).device
-    hkey = (id(model), str(hparams.archive), tuple(hparams.inner_params), hparams.rank, hparams.n_blocks,
-            bool(hparams.use_instruction), str(dtype), str(device))
-    with _LOCK:
-        hit = _CACHE.get(("model",) + hkey)
-        if hit is not None and hit[0]() is model:
-            return hit[1], hit[2]
-    path = find_archive(model, hparams)
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, str(dtype), str(device))
-    with _LOCK:
-        nets = _CACHE.get(key)
-        if nets is None:
-            nets = load_networks(path, model, hparams, dtype=dtype).to(device)
-            _CACHE[key] = nets
-        _CACHE[("model",) + hkey] = (weakref.ref(model), nets, path)
-    return nets, path
+    """The archive's network for ``model`` (loaded and checked once per model object, see
+    :mod:`easyedit_agrade.core.archive_cache`)."""
+    return _ARCHIVES.networks_for(model, hparams, find_archive, load_networks, extra_key=(bool(hparams.use_instruction),))
 
 
 def instructed_prompts(requests: Sequence[dict], hparams: InstructEditHyperParams) -> list[str]:

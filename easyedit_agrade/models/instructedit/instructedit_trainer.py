@@ -285,28 +285,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def load_training_config(path: str, overrides: dict[str, Any]) -> InstructEditTrainingHyperParams:
-    import yaml
-
-    p = path if path.endswith((".yaml", ".yml")) else path + ".yaml"
-    with open(p, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    raw.update(overrides)
-    return InstructEditTrainingHyperParams.from_dict(raw, source=p)
+    """The training YAML at ``path`` (``.yaml`` optional) with ``overrides`` applied, validated."""
+    return InstructEditTrainingHyperParams.from_hparams(path, overrides)
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``easyedit-agrade train --alg InstructEdit``; returns a process exit code."""
-    import yaml
+    from ...hparams import parse_set_overrides
 
     args = build_arg_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            print(f"--set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
+    try:
+        overrides = parse_set_overrides(args.set)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     for k, v in (("max_steps", args.max_steps), ("seed", args.seed), ("max_wall_s", args.max_wall_s)):
         if v is not None:
             overrides[k] = v
