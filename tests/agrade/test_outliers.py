@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_llama, training_config
-from easyedit_agrade.models.agrade.outliers import massive_rows, row_norm_median, suppress_massive_rows
+from easyedit_agrade.core.hypernet import RunningNormalizer
+from easyedit_agrade.models.agrade.outliers import (massive_rows, out_of_distribution_rows, row_norm_median,
+                                                    row_zscores, suppress_massive_rows)
 
 
 def _rows(n=7, d=12, seed=0):
@@ -33,6 +35,54 @@ def test_massive_rows_and_suppression():
     assert torch.equal(G.grad[3], torch.zeros(5, dtype=torch.float64)) and bool((G.grad[keep] == 1).all())
     assert row_norm_median([H[:3], H[3:]]) == row_norm_median(H)
     assert row_norm_median(torch.zeros(0, 12)) is None
+
+
+def test_out_of_distribution_rows_by_zscore():
+    g = torch.Generator().manual_seed(0)
+    k, v = 6, 4
+    norm = RunningNormalizer(k + v).to(torch.float64)
+    H, grad = torch.randn(9, k, generator=g, dtype=torch.float64), torch.randn(9, v, generator=g, dtype=torch.float64)
+    assert out_of_distribution_rows(norm, H, grad, 5.0) is None  # no statistics yet: the check cannot judge
+    norm.update(torch.cat([torch.randn(500, k, generator=g, dtype=torch.float64) * 3 + 1,
+                           torch.randn(500, v, generator=g, dtype=torch.float64) * 0.1], 1))
+    zk, zg = row_zscores(norm, H * 3 + 1, grad * 0.1)
+    assert bool((zk < 2.5).all()) and bool((zg < 2.5).all())  # rows like the observed ones: z ~ 1
+    assert out_of_distribution_rows(norm, H * 3 + 1, grad * 0.1, 5.0) is None
+    # ordinary key, gradient 10x the usual size (row 2); huge key, ordinary gradient (row 5)
+    grad2, H2 = grad * 0.1, H * 3 + 1
+    grad2[2] *= 10.0
+    H2[5] = H2[5] * 10.0
+    mask = out_of_distribution_rows(norm, H2, grad2, 5.0)
+    assert mask is not None and mask.tolist() == [i in (2, 5) for i in range(9)]
+    assert out_of_distribution_rows(norm, H2, grad2, None) is None  # off
+    assert out_of_distribution_rows(norm, H2, grad2, 1e6) is None  # nothing that far out
+
+
+def test_zscore_guard_applies_when_editing_not_while_training(tok):
+    """With a frozen normaliser (eval) a row far outside the normaliser's statistics gets G = 0; in training mode
+    (statistics still moving) the same row keeps its G; ``max_row_zscore: null`` turns the check off."""
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    name = LLAMA_PARAMS[1].rsplit(".", 1)[0]
+    ed = _editor(tok, solver="dual", max_key_norm_ratio=None)
+    cache = ed.cache(ed.encode(prompts, targets, micro_batch=2))
+    H, grad = cache.get(name)
+    net = ed.nets.net(name)
+    with torch.no_grad():
+        net.normalizer.update(torch.cat([H, grad], 1).to(net.normalizer.mean.dtype))
+    grad = grad.clone()
+    grad[1] *= 1e3  # one target position with an output gradient far outside what the network saw
+    with torch.no_grad():
+        G_eval = ed.adjusted_gradient(name, H, grad)
+        ed.nets.train()
+        G_train = ed.adjusted_gradient(name, H, grad)
+        ed.nets.eval()
+        ed.hparams.max_row_zscore = None
+        G_off = ed.adjusted_gradient(name, H, grad)
+    assert torch.equal(G_eval[1], torch.zeros_like(G_eval[1]))
+    assert bool(G_eval.abs().sum(1)[[i for i in range(len(G_eval)) if i != 1]].gt(0).all())
+    assert bool(G_train[1].abs().sum() > 0) and torch.equal(G_off, G_train)
+    torch.testing.assert_close(G_eval[2:], G_off[2:])
 
 
 def _editor(tok, **over):
@@ -101,3 +151,46 @@ def test_sink_token_edit_does_not_wreck_the_embedded_model(embedded_model):
         ratio = float(delta.norm() / weights[f"{name}.weight"].detach().norm())
         assert ratio < 0.25, f"{name}: ‖ΔW‖/‖W‖ = {ratio:.2f}"
     assert float(res.deltas["model.layers.27.mlp.down_proj"].norm()) > 0  # the edit itself is still made
+
+
+@pytest.mark.slow
+def test_out_of_distribution_gradient_row_does_not_wreck_the_embedded_model(embedded_model):
+    """A benchmark edit whose bad row the norm check cannot see: "When was Welsh Proms launched? → 1999". The row
+    at the lone space before the digits (predicting "1") has an ordinary key norm but an output gradient with RMS
+    z-score ≈ 6–7 under the archive's normaliser (CounterFact rows: < 3.8). Without the z-score guard this one edit
+    sent WikiText-2 perplexity from ~31 to ~10⁷ with the shipped archive; with it the perplexity stays within 1.5x
+    and the edit is still made."""
+    from easyedit_agrade.core.weights import apply_deltas, restore_weights
+    from easyedit_agrade.evaluate.general import wikitext_windows
+    from easyedit_agrade.evaluate.scoring import perplexity
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.models.agrade.agrade_main import _networks_for
+    from easyedit_agrade.models.agrade.archive import ArchiveMismatchError, ArchiveNotFoundError
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+    from easyedit_agrade.paths import REPO_ROOT, data_file
+
+    model, tok = embedded_model
+    hp = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m"))
+    try:
+        nets, _ = _networks_for(model, hp)
+        wiki = data_file("wikitext/wiki.test.tokens")
+    except (ArchiveNotFoundError, ArchiveMismatchError, FileNotFoundError) as exc:
+        pytest.skip(f"needs the shipped AGRADE archive and ../shared/data/wikitext: {exc}")
+    torch.set_num_threads(1)
+    windows = wikitext_windows(tok, wiki, n_windows=1, window=128)
+    before = perplexity(model, windows)
+    ed = AGRADEEditor(model, tok, hp, nets)
+    mbs = ed.encode(["When was Welsh Proms launched?"], ["1999"])
+    cache = ed.cache(mbs, keep_hidden=False)
+    name = "model.layers.27.mlp.down_proj"
+    flagged = out_of_distribution_rows(nets.net(name).normalizer, *cache.get(name), hp.max_row_zscore)
+    assert flagged is not None and int(flagged.sum()) == 1  # exactly the lone-space row
+    res = ed.compute(cache, keep_modules=False)
+    copy: dict = {}
+    apply_deltas(model, res.deltas, weights_copy=copy)
+    try:
+        after = perplexity(model, windows)
+    finally:
+        restore_weights(model, copy)
+    assert after < 1.5 * before, f"WikiText perplexity {before:.1f} -> {after:.1f}"
+    assert float(res.deltas[name].norm()) > 0

@@ -72,6 +72,10 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: target positions whose edited-module input row is longer than this many times the median row (massive
     #: activations of attention-sink tokens) get G = 0 in that module; None: off. See ``models/agrade/outliers.py``
     max_key_norm_ratio: Optional[float] = 4.0
+    #: when editing (frozen normaliser), target positions whose key or output-gradient row has a root-mean-square
+    #: z-score above this under the hypernetwork's input normaliser (far outside its training edits) get G = 0;
+    #: None: off. See ``models/agrade/outliers.py``
+    max_row_zscore: Optional[float] = 5.0
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -87,6 +91,8 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("inner_params must name at least one weight")
         if self.max_key_norm_ratio is not None and not self.max_key_norm_ratio > 1:
             raise HyperParamsError("max_key_norm_ratio must be > 1 (or null to turn the check off)")
+        if self.max_row_zscore is not None and not self.max_row_zscore > 0:
+            raise HyperParamsError("max_row_zscore must be > 0 (or null to turn the check off)")
         # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
         # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
         # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.

@@ -30,7 +30,7 @@ from ...distributed.collective import Collective
 from ...kernels import choose_method, factorize_gram
 from ...kernels.reference import gram_ref
 from . import equations as eq
-from .outliers import row_norm_median, suppress_massive_rows
+from .outliers import out_of_distribution_rows, row_norm_median, suppress_massive_rows, suppress_rows
 from .agrade_hparams import AGRADEHyperParams, Switches
 
 
@@ -186,15 +186,21 @@ class AGRADEEditor:
                           key_reference: torch.Tensor | None = None) -> torch.Tensor:
         """Eqs 1–2 (G = ∇G̃ without the adjustment ablation) — row-wise, so rows may be processed in pieces.
         Rows of massive activations (norm above ``hparams.max_key_norm_ratio`` × ``key_reference``, by default
-        the median row norm of ``H``; pass the median over *all* rows when ``H`` is one piece) get G = 0:
-        see :mod:`.outliers`."""
+        the median row norm of ``H``; pass the median over *all* rows when ``H`` is one piece) get G = 0, and so do
+        rows outside the frozen normaliser's distribution (``hparams.max_row_zscore``; not while training): see
+        :mod:`.outliers`."""
         H_tilde, grad_tilde = self.nets(name, H, grad)
         if self.switches.adjustment:
             c = eq.eq1_adjustment_coefficients(H, H_tilde, self.nets.lr(name))
             G = eq.eq2_scaled_gradient(c, grad_tilde)
         else:
             G = grad_tilde
-        return suppress_massive_rows(G, H, getattr(self.hparams, "max_key_norm_ratio", None), key_reference)
+        G = suppress_massive_rows(G, H, getattr(self.hparams, "max_key_norm_ratio", None), key_reference)
+        net = self.nets.net(name)
+        if not net.training:  # frozen normaliser: editing and validation (see outliers.out_of_distribution_rows)
+            G = suppress_rows(G, out_of_distribution_rows(net.normalizer, H, grad,
+                                                          getattr(self.hparams, "max_row_zscore", None)))
+        return G
 
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
         """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
