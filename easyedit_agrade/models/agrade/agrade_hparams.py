@@ -136,9 +136,10 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     eta_lr: float = 3e-5
     lambda_lr: float = 1e-2
     max_grad_norm: float = 1.0
-    #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts)
+    #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts);
+    #: the paper (and MALMEN) train on the equivalent and unrelated prompts only: edit_coef 0
     gen_coef: float = 1.0
-    edit_coef: float = 1.0
+    edit_coef: float = 0.0
     loc_coef: float = 1.0
     max_steps: int = 1000
     val_every: int = 50
