@@ -194,3 +194,35 @@ def test_out_of_distribution_gradient_row_does_not_wreck_the_embedded_model(embe
         restore_weights(model, copy)
     assert after < 1.5 * before, f"WikiText perplexity {before:.1f} -> {after:.1f}"
     assert float(res.deltas[name].norm()) > 0
+
+
+def test_log_lambda_offset_strengthens_the_ridge_when_editing_only(tok):
+    """``log_lambda_offset: c`` edits exactly like a network whose every log λ is larger by c, and never enters
+    a training step (the learned λ stays what training sees)."""
+    from easyedit_agrade.distributed.collective import Collective
+    from easyedit_agrade.hparams import HyperParamsError
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    ed = _editor(tok, solver="dual")
+    cache = ed.cache(ed.encode(prompts, targets, micro_batch=3))
+    base = ed.compute(cache, keep_modules=False).deltas
+    ed.hparams.log_lambda_offset = 3.0
+    offset = ed.compute(cache, keep_modules=False).deltas
+    streamed = ed.compute_streamed(cache, Collective(), keep_modules=False).deltas
+    ed.nets.train()
+    in_training = ed.compute(cache, keep_modules=False).deltas
+    ed.nets.eval()
+    ed.hparams.log_lambda_offset = 0.0
+    with torch.no_grad():
+        for net in ed.nets.nets.values():
+            net.log_lambda.add_(3.0)
+    shifted = ed.compute(cache, keep_modules=False).deltas
+    for name in base:
+        torch.testing.assert_close(offset[name], shifted[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(streamed[name], shifted[name], rtol=1e-8, atol=1e-10)
+        assert torch.equal(in_training[name], base[name])
+        assert float(offset[name].norm()) < float(base[name].norm())  # a stronger ridge shrinks ΔW
+    with pytest.raises(HyperParamsError, match="log_lambda_offset"):
+        AGRADEHyperParams.from_dict(dict(ed.hparams.to_dict(), log_lambda_offset=float("nan")))

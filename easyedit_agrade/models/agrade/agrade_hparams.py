@@ -11,6 +11,8 @@ and trains on P = H M⁻¹ g_θ; see docs/agrade.md).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Literal, Optional, Union
 
@@ -76,6 +78,9 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: z-score above this under the hypernetwork's input normaliser (far outside its training edits) get G = 0;
     #: None: off. See ``models/agrade/outliers.py``
     max_row_zscore: Optional[float] = 5.0
+    #: added to every module's learned log λ (eq 3) when editing, not in training: e^offset times the ridge, for
+    #: batches far larger than or unlike the training edits (0: the learned λ). See docs/agrade.md
+    log_lambda_offset: float = 0.0
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -93,6 +98,8 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("max_key_norm_ratio must be > 1 (or null to turn the check off)")
         if self.max_row_zscore is not None and not self.max_row_zscore > 0:
             raise HyperParamsError("max_row_zscore must be > 0 (or null to turn the check off)")
+        if not math.isfinite(float(self.log_lambda_offset)):
+            raise HyperParamsError("log_lambda_offset must be a finite number")
         # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
         # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
         # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.

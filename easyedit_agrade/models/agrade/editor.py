@@ -202,6 +202,18 @@ class AGRADEEditor:
                                                           getattr(self.hparams, "max_row_zscore", None)))
         return G
 
+    def ridge_log_lambda(self, name: str) -> torch.Tensor | None:
+        """λ of eq 3 for ``name`` (None under the no-regularisation ablation). When editing (network in eval mode)
+        ``hparams.log_lambda_offset`` is added: a stronger ridge for batches far larger or other than the ones the
+        network was trained on (see docs/agrade.md, *Large mixed batches*); training uses the learned λ alone."""
+        if not self.switches.regularization:
+            return None
+        log_lambda = self.nets.log_lambda(name)
+        offset = float(getattr(self.hparams, "log_lambda_offset", 0.0) or 0.0)
+        if offset and not self.nets.net(name).training:
+            log_lambda = log_lambda + offset
+        return log_lambda
+
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
         """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
         if (collective is not None and collective.is_distributed) or cache.spill:
@@ -231,7 +243,7 @@ class AGRADEEditor:
             if prev is not None and prev.shape[1] != grad.shape[1]:
                 prev = None
             G = self.module_G(name, H, grad, prev).detach()
-            log_lambda = self.nets.log_lambda(name) if self.switches.regularization else None
+            log_lambda = self.ridge_log_lambda(name)
             fact = eq.eq3_factorize(H, log_lambda, method=self.hparams.solver, backend=self.hparams.kernels_backend)
             delta = eq.eq5_delta(fact, G)
             if not bool(torch.isfinite(delta).all()):
@@ -294,7 +306,7 @@ class AGRADEEditor:
                 final.add(G_c)
             store.close()
             collective.all_reduce_(rhs)
-            log_lambda = self.nets.log_lambda(name) if self.switches.regularization else None
+            log_lambda = self.ridge_log_lambda(name)
             H_local = grad_local = None
             if keep_modules:
                 if cache.n_rows(name):
