@@ -81,3 +81,17 @@ def perturb(nets, seed: int = 1, scale: float = 0.3) -> None:
             if name.endswith(("lr", "log_lambda")):
                 continue
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def tiny_editor(tok, **over):
+    """An :class:`AGRADEEditor` on a fresh tiny LLaMA with a perturbed float64 network in eval mode (editing);
+    ``over`` overrides the training config (e.g. ``solver="primal"``)."""
+    from easyedit_agrade.models.agrade.archive import build_networks
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+
+    model = tiny_llama(len(tok))
+    cfg = training_config(LLAMA_PARAMS, **over)
+    nets = build_networks(model, cfg, seed=0).to(torch.float64)
+    perturb(nets)
+    nets.eval()
+    return AGRADEEditor(model, tok, cfg, nets)

@@ -10,7 +10,7 @@ import torch
 
 
 @pytest.mark.slow
-def test_calibrate_scales_eta_and_averages_batches(tmp_path, embedded_model_dir, capsys):
+def test_calibrate_scales_eta_and_averages_batches(tmp_path, embedded_model, capsys):
     from easyedit_agrade.core.checkpoint import load_tensors
     from easyedit_agrade.models.agrade.archive import find_archive
     from easyedit_agrade.models.agrade.calibrate import main
@@ -18,12 +18,10 @@ def test_calibrate_scales_eta_and_averages_batches(tmp_path, embedded_model_dir,
 
     try:
         data_file("counterfact/counterfact-val.json")
-        from easyedit_agrade.lm import load_model_and_tokenizer
         from easyedit_agrade.models.agrade import AGRADEHyperParams
 
         hp = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m"))
-        model, _ = load_model_and_tokenizer(embedded_model_dir)
-        src = find_archive(model, hp)
+        src = find_archive(embedded_model[0], hp)
     except Exception as exc:  # no shared data / no shipped archive
         pytest.skip(f"needs ../shared/data and the shipped AGRADE archive: {exc}")
     dst = tmp_path / "cal.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_llama, training_config
+from agrade_helpers import LLAMA_PARAMS, records, tiny_editor
 from easyedit_agrade.core.hypernet import RunningNormalizer
 from easyedit_agrade.models.agrade.outliers import (massive_rows, out_of_distribution_rows, row_norm_median,
                                                     row_zscores, suppress_massive_rows)
@@ -64,7 +64,7 @@ def test_zscore_guard_applies_when_editing_not_while_training(tok):
     recs = records(6)
     prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
     name = LLAMA_PARAMS[1].rsplit(".", 1)[0]
-    ed = _editor(tok, solver="dual", max_key_norm_ratio=None)
+    ed = tiny_editor(tok, solver="dual", max_key_norm_ratio=None)
     cache = ed.cache(ed.encode(prompts, targets, micro_batch=2))
     H, grad = cache.get(name)
     net = ed.nets.net(name)
@@ -85,18 +85,6 @@ def test_zscore_guard_applies_when_editing_not_while_training(tok):
     torch.testing.assert_close(G_eval[2:], G_off[2:])
 
 
-def _editor(tok, **over):
-    from easyedit_agrade.models.agrade.archive import build_networks
-    from easyedit_agrade.models.agrade.editor import AGRADEEditor
-
-    model = tiny_llama(len(tok))
-    cfg = training_config(LLAMA_PARAMS, **over)
-    nets = build_networks(model, cfg, seed=0).to(torch.float64)
-    perturb(nets)
-    nets.eval()
-    return AGRADEEditor(model, tok, cfg, nets)
-
-
 def _blow_up_one_row(cache, name, factor=50.0):
     """Scale one cached key row of ``name`` (in its second piece) like a massive activation."""
     cache.keys[name][1][0] *= factor
@@ -109,7 +97,7 @@ def test_massive_row_gets_no_signal_and_streamed_agrees_with_in_memory(tok):
     results = {}
     for label, over in (("mem", dict(solver="dual")), ("streamed", dict(solver="primal")),
                         ("off", dict(solver="dual", max_key_norm_ratio=None))):
-        ed = _editor(tok, **over)
+        ed = tiny_editor(tok, **over)
         cache = ed.cache(ed.encode(prompts, targets, micro_batch=2))
         _blow_up_one_row(cache, name)
         assert ed.use_streamed(cache) == (label == "streamed")
@@ -205,7 +193,7 @@ def test_log_lambda_offset_strengthens_the_ridge_when_editing_only(tok):
 
     recs = records(6)
     prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
-    ed = _editor(tok, solver="dual")
+    ed = tiny_editor(tok, solver="dual")
     cache = ed.cache(ed.encode(prompts, targets, micro_batch=3))
     base = ed.compute(cache, keep_modules=False).deltas
     ed.hparams.log_lambda_offset = 3.0

@@ -44,7 +44,7 @@ def test_quick_bench_end_to_end(tmp_path, shared_data, easyeditor_module, embedd
     assert str(REPO_ROOT) not in (out / "results.json").read_text()  # no machine paths in the output
 
 
-def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyeditor_module, embedded_model_dir):
+def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyeditor_module, embedded_model):
     """Regressions of the full benchmark: InstructEdit's second sequential edit was rejected by the archive's
     weights fingerprint (N>1 'failed'), and AGRADE's N=16 set (the pool's 13th record puts an attention-sink
     token of SmolLM2 at a target position) wrecked the model: ES/GS/LS 0, perplexity ~10^10. MALMEN without its
@@ -64,7 +64,7 @@ def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyedit
         assert r["general"]["ppl"] < 3 * base_ppl and not r.get("collapsed"), (key, r["general"]["ppl"], base_ppl)
         assert r["metrics"]["LS"] > 0.3 and r["metrics"]["ES"] > r["before"]["ES"], (key, r["metrics"]["LS"])
     malmen = runs[("MALMEN", 2)]
-    if _shipped_malmen_archive():  # the MALMEN preset edits with its own archive, like AGRADE
+    if _shipped_malmen_archive(embedded_model[0]):  # the MALMEN preset edits with its own archive, like AGRADE
         for n in (2, 13):
             r = runs[("MALMEN", n)]
             assert r["status"] == "ok" and not r.get("collapsed"), (n, r.get("error"))
@@ -78,17 +78,16 @@ def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyedit
     assert runs[("MEND", 13)]["status"] == "skipped"
 
 
-def _shipped_malmen_archive() -> bool:
-    from easyedit_agrade.core.checkpoint import read_metadata
-    from easyedit_agrade.paths import REPO_ROOT
+def _shipped_malmen_archive(model) -> bool:
+    """Whether ``archives/`` holds an archive the benchmark's MALMEN hparams accept (the project's own lookup)."""
+    from easyedit_agrade.bench.methods import METHODS, load_hparams
+    from easyedit_agrade.models.agrade.archive import ArchiveNotFoundError, find_archive
 
-    for path in sorted((REPO_ROOT / "archives").glob("*.safetensors")):
-        try:
-            if read_metadata(path).get("hparams", {}).get("preset") == "malmen":
-                return True
-        except Exception:  # not an archive of ours
-            continue
-    return False
+    try:
+        find_archive(model, load_hparams(METHODS["MALMEN"]))
+    except ArchiveNotFoundError:
+        return False
+    return True
 
 
 def test_preflight_and_diagnosis_messages(easyeditor_module):

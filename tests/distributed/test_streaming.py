@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agrade"))
-from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_llama, training_config  # noqa: E402
+from agrade_helpers import records, tiny_editor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,26 +23,14 @@ def tok():
         pytest.skip(f"embedded tokenizer unavailable: {exc}")
 
 
-def _editor(tok, **over):
-    from easyedit_agrade.models.agrade.archive import build_networks
-    from easyedit_agrade.models.agrade.editor import AGRADEEditor
-
-    model = tiny_llama(len(tok))
-    cfg = training_config(LLAMA_PARAMS, **over)
-    nets = build_networks(model, cfg, seed=0).to(torch.float64)
-    perturb(nets)
-    nets.eval()
-    return AGRADEEditor(model, tok, cfg, nets)
-
-
 @pytest.mark.parametrize("switches", [{}, {"use_weight_projection": False}, {"use_regularization": False},
                                       {"use_adjustment": False}])
 def test_streamed_spilled_equals_in_memory(tok, tmp_path, switches):
     recs = records(6)
     prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
-    mem = _editor(tok, solver="dual", **switches)
+    mem = tiny_editor(tok, solver="dual", **switches)
     ref = mem.compute(mem.cache(mem.encode(prompts, targets)))
-    spill = _editor(tok, solver="auto", cache_spill=True, cache_spill_dir=str(tmp_path), cache_batch_size=2,
+    spill = tiny_editor(tok, solver="auto", cache_spill=True, cache_spill_dir=str(tmp_path), cache_batch_size=2,
                     **switches)
     cache = spill.cache(spill.encode(prompts, targets, micro_batch=2), keep_hidden=False)
     folder = Path(cache.spill_dir)
@@ -58,7 +46,7 @@ def test_streamed_spilled_equals_in_memory(tok, tmp_path, switches):
 
 
 def test_edit_deltas_cleans_up_and_two_caches_do_not_share_a_folder(tok, tmp_path):
-    ed = _editor(tok, cache_spill=True, cache_spill_dir=str(tmp_path))
+    ed = tiny_editor(tok, cache_spill=True, cache_spill_dir=str(tmp_path))
     recs = records(4)
     a = ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs]))
     b = ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs]))
@@ -73,8 +61,8 @@ def test_streamed_primal_used_for_large_T_and_matches_dual(tok):
     """T ≥ Dh picks the primal form, which now streams; it equals the dual/in-memory solve on the same rows."""
     recs = records(6)
     prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
-    dual = _editor(tok, solver="dual")
-    primal = _editor(tok, solver="primal")
+    dual = tiny_editor(tok, solver="dual")
+    primal = tiny_editor(tok, solver="primal")
     c1, c2 = (e.cache(e.encode(prompts, targets)) for e in (dual, primal))
     assert not dual.use_streamed(c1) and primal.use_streamed(c2)
     a, b = dual.compute(c1), primal.compute(c2)
