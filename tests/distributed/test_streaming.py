@@ -31,7 +31,7 @@ def test_streamed_spilled_equals_in_memory(tok, tmp_path, switches):
     mem = tiny_editor(tok, solver="dual", **switches)
     ref = mem.compute(mem.cache(mem.encode(prompts, targets)))
     spill = tiny_editor(tok, solver="auto", cache_spill=True, cache_spill_dir=str(tmp_path), cache_batch_size=2,
-                    **switches)
+                       **switches)
     cache = spill.cache(spill.encode(prompts, targets, micro_batch=2), keep_hidden=False)
     folder = Path(cache.spill_dir)
     assert folder.parent == tmp_path and folder.name.startswith("easyedit-agrade-cache-")
