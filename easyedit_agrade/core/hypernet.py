@@ -194,6 +194,7 @@ class EditorNetworks(nn.Module):
         n_blocks: int,
         lr_init: float = 1e-3,
         log_lambda_init: float = 0.0,
+        log_mu_init: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -214,6 +215,12 @@ class EditorNetworks(nn.Module):
                                         log_lambda_init=log_lambda_init, seed=seed + i)
         self.config = {"rank": int(rank), "n_blocks": int(n_blocks),
                        "modules": [[s.name, s.key_size, s.value_size] for s in slots]}
+        #: per-module log μ of AGRADE's preserved-knowledge term (``log_mu_init`` None: no such term, no key in
+        #: the state dict — the archives of methods without it are unchanged)
+        self.log_mu_params: nn.ParameterDict | None = None
+        if log_mu_init is not None:
+            self.log_mu_params = nn.ParameterDict({g: nn.Parameter(torch.full((counts[g],), float(log_mu_init)))
+                                                   for g in sorted(counts)})
 
     def slot(self, name: str) -> ModuleSlot:
         try:
@@ -232,6 +239,13 @@ class EditorNetworks(nn.Module):
         s = self.slot(name)
         return self.nets[s.group].log_lambda[s.index]
 
+    def log_mu(self, name: str) -> torch.Tensor | None:
+        """log μ of the preserved-knowledge term for ``name`` (None when the networks have no such term)."""
+        if self.log_mu_params is None:
+            return None
+        s = self.slot(name)
+        return self.log_mu_params[s.group][s.index]
+
     def forward(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.slot(name)
         return self.nets[s.group](keys, values, s.index)
@@ -239,8 +253,9 @@ class EditorNetworks(nn.Module):
     def observe(self, name: str, keys: torch.Tensor, values: torch.Tensor, collective=None) -> bool:
         return self.net(name).observe(keys, values, collective)
 
-    def param_groups(self, body_lr: float, lr_lr: float, lambda_lr: float) -> list[dict]:
-        """Adam groups: the network bodies, the per-module ``lr`` (η) and the per-module ``log_lambda`` (λ)."""
+    def param_groups(self, body_lr: float, lr_lr: float, lambda_lr: float, mu_lr: float | None = None) -> list[dict]:
+        """Adam groups: the network bodies, the per-module ``lr`` (η), the per-module ``log_lambda`` (λ) and, when
+        the networks have one, the per-module log μ (its own group, rate ``mu_lr``, default ``lambda_lr``)."""
         body: list[nn.Parameter] = []
         lrs: list[nn.Parameter] = []
         lams: list[nn.Parameter] = []
@@ -253,12 +268,18 @@ class EditorNetworks(nn.Module):
             {"params": body, "lr": float(body_lr), "name": "body"},
             {"params": lrs, "lr": float(lr_lr), "name": "eta"},
             {"params": lams, "lr": float(lambda_lr), "name": "lambda"},
-        ]
+        ] + ([] if self.log_mu_params is None else [
+            {"params": [self.log_mu_params[g] for g in sorted(self.log_mu_params)],
+             "lr": float(lambda_lr if mu_lr is None else mu_lr), "name": "mu"}])
 
     def per_module_scalars(self) -> dict[str, dict[str, float]]:
-        """``{module: {"eta": η, "log_lambda": λ}}`` — for logs and model cards."""
-        return {s.name: {"eta": float(self.lr(s.name).detach()), "log_lambda": float(self.log_lambda(s.name).detach())}
-                for s in self.slots}
+        """``{module: {"eta": η, "log_lambda": λ[, "log_mu": μ]}}`` — for logs and model cards."""
+        out = {}
+        for s in self.slots:
+            out[s.name] = {"eta": float(self.lr(s.name).detach()), "log_lambda": float(self.log_lambda(s.name).detach())}
+            if self.log_mu_params is not None:
+                out[s.name]["log_mu"] = float(self.log_mu(s.name).detach())
+        return out
 
 
 def parameters_of(groups: Iterable[dict]) -> list[nn.Parameter]:

@@ -105,3 +105,22 @@ def encode_prompt_target(
         target_mask[b, sl] = torch.tensor(is_target, dtype=torch.bool)
     labels = torch.where(target_mask, input_ids, torch.full_like(input_ids, -100))
     return PromptTargetBatch(input_ids, attention, labels, target_mask)
+
+
+def text_windows(tok, path, *, n_windows: int, window: int) -> torch.Tensor:
+    """The first ``n_windows * window`` tokens of a UTF-8 text file as a ``(n_windows, window)`` tensor (no
+    special tokens; only as much text as needed is tokenised). Used for held-out perplexity and for the key
+    statistics of :mod:`easyedit_agrade.core.preserved_stats`."""
+    from pathlib import Path
+
+    need = n_windows * window
+    text = Path(path).read_text(encoding="utf-8")
+    chars = max(need * 8, 4096)
+    while True:
+        ids = tok(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise ValueError(f"{path}: only {len(ids)} tokens, {need} needed for {n_windows} windows of {window}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_windows, window)

@@ -62,19 +62,9 @@ def mc_accuracy(model: Any, tok: Any, questions: Sequence[dict], **score_kwargs:
 
 def wikitext_windows(tok: Any, path: str | os.PathLike[str], *, n_windows: int = 8, window: int = 256) -> "torch.Tensor":
     """The first ``n_windows * window`` tokens of a text file as a ``(n_windows, window)`` tensor."""
-    import torch
+    from ..core.tokenize import text_windows
 
-    need = n_windows * window
-    text = Path(path).read_text(encoding="utf-8")
-    chars = max(need * 8, 4096)
-    while True:
-        ids = tok(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) > need or chars >= len(text):
-            break
-        chars *= 2
-    if len(ids) < need:
-        raise ValueError(f"{path}: only {len(ids)} tokens, {need} needed for {n_windows} windows of {window}")
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_windows, window)
+    return text_windows(tok, path, n_windows=n_windows, window=window)
 
 
 def general_ability(model: Any, tok: Any, *, windows: "torch.Tensor | None", questions: Sequence[dict] | None,

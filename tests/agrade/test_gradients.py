@@ -36,8 +36,17 @@ def _full_autograd_grads(trainer: AGRADETrainer, recs) -> dict[str, torch.Tensor
             G = gt
         if sw.weight_projection:
             G = eq.eq4_project_out(G, G_prev)
-        M = eq.eq3_regularized_matrix(H, nets.log_lambda(name))
-        deltas[name] = torch.linalg.solve(M, H.T @ G)
+        if ed.preserved is None:
+            M = eq.eq3_regularized_matrix(H, nets.log_lambda(name))
+            deltas[name] = torch.linalg.solve(M, H.T @ G)
+        else:  # eq 3 + e^μ C₀ on C₀'s kept eigenbasis B (all of it, or its null space), as a dense solve
+            keys = ed.preserved[name]
+            B, s = keys.basis, keys.eigenvalues
+            HB = H @ B
+            M = HB.T @ HB + torch.exp(nets.log_lambda(name)) * torch.eye(B.shape[1], dtype=H.dtype)
+            if nets.log_mu(name) is not None:
+                M = M + torch.exp(nets.log_mu(name)) * torch.diag(s)
+            deltas[name] = B @ torch.linalg.solve(M, HB.T @ G)
         G_prev = G.detach()
 
     handles = []
@@ -79,6 +88,9 @@ def _check(model, params, tok, solver: str, **switches):
     recs = records(4)
     trainer = AGRADETrainer(cfg, train_set=recs, val_set=recs, model=model, tok=tok, progress=False,
                             out_dir="unused")
+    if cfg.uses_preserved_keys():  # the term is really in the solve (and the null space really removes directions)
+        assert trainer.editor.preserved is not None
+        assert all((k.n_removed > 0) == cfg.null_space for k in trainer.editor.preserved.values())
     perturb(trainer.nets)
     trainer.nets.train()
     trainer.opt.zero_grad(set_to_none=True)
@@ -107,3 +119,28 @@ def test_surrogate_equals_autograd_gpt2_conv1d(tok, weight_projection):
     model = tiny_gpt2(len(tok))
     assert is_conv1d(get_module(model, GPT2_PARAMS[0][:-7]))
     _check(model, GPT2_PARAMS, tok, "auto", use_weight_projection=weight_projection)
+
+
+@pytest.fixture
+def preserved_settings(tmp_path):
+    """A small corpus and a private statistics folder for the preserved-knowledge term on the tiny models."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"Sentence {i} says that the {w} is near the river and the old town."
+                               for i, w in enumerate(["bridge", "school", "market", "church", "station"] * 20)),
+                      encoding="utf-8")
+    return dict(preserved_corpus=str(corpus), preserved_tokens=256, preserved_window=32,
+                preserved_stats_dir=str(tmp_path / "stats"))
+
+
+@pytest.mark.parametrize("null_space", [False, True])
+@pytest.mark.parametrize("solver", ["primal", "dual"])
+def test_surrogate_with_preserved_term_equals_autograd(tok, preserved_settings, null_space, solver):
+    """∂L/∂μ (and every other gradient) with M = HᵀH + e^λ I + e^μ C₀, on C₀'s whole eigenbasis or its null
+    space, equals full autograd through a dense solve."""
+    _check(tiny_llama(len(tok)), LLAMA_PARAMS, tok, solver, use_preserved_cov=True, log_mu_init=-2.0,
+           null_space=null_space, null_space_threshold=0.05, **preserved_settings)
+
+
+def test_surrogate_null_space_only_equals_autograd(tok, preserved_settings):
+    _check(tiny_gpt2(len(tok)), GPT2_PARAMS, tok, "auto", null_space=True, null_space_threshold=0.05,
+           **preserved_settings)

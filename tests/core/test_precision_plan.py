@@ -314,13 +314,13 @@ def test_bf16_training_step_gives_fp32_g_theta(tok, monkeypatch, kind):  # noqa:
     m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})  # the same (bf16-exact) weights
     recs = records(4)
     captured: list[dict[str, torch.Tensor]] = []
-    real = eq.eq6_and_lambda_gradient
+    real = eq.eq6_and_ridge_gradients
 
     def spy(fact, H, g_theta, delta, **kw):
         captured[-1][len(captured[-1])] = g_theta.detach().clone()
         return real(fact, H, g_theta, delta, **kw)
 
-    monkeypatch.setattr(eq, "eq6_and_lambda_gradient", spy)
+    monkeypatch.setattr(eq, "eq6_and_ridge_gradients", spy)
     out = []
     for model in (m16, m32):
         cfg = training_config(params, editor_dtype="float32")

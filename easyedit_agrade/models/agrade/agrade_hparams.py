@@ -81,6 +81,23 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: added to every module's learned log λ (eq 3) when editing, not in training: e^offset times the ridge, for
     #: batches far larger than or unlike the training edits (0: the learned λ). See docs/agrade.md
     log_lambda_offset: float = 0.0
+    #: preserved-knowledge term of eq 3 (docs/agrade.md, *Preserved knowledge*): M = HᵀH + e^λ I + e^μ C₀ with
+    #: C₀ = E[k kᵀ] of the module's input keys over ``preserved_corpus``; μ is learned per module like λ
+    #: (``log_mu_init`` before training, and for archives trained without the term); ``log_mu_offset`` is added
+    #: when editing, like ``log_lambda_offset``. Off: the paper's eq 3, bit-identical
+    use_preserved_cov: bool = False
+    log_mu_init: float = 0.0
+    log_mu_offset: float = 0.0
+    #: AlphaEdit-style: confine ΔW to the null space of C₀'s dominant subspace — the eigenvectors of C₀ with
+    #: eigenvalue ≤ ``null_space_threshold`` × the largest (keys of ordinary text then see ~no change)
+    null_space: bool = False
+    null_space_threshold: float = 1e-2
+    #: statistics for C₀: corpus (relative to the shared data folder, or a path; never the perplexity text),
+    #: token budget and window; cached as safetensors under ``preserved_stats_dir`` (default: the user cache)
+    preserved_corpus: str = "wikitext/wiki.valid.tokens"
+    preserved_tokens: int = 100_000
+    preserved_window: int = 256
+    preserved_stats_dir: Optional[str] = None
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -100,6 +117,15 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("max_row_zscore must be > 0 (or null to turn the check off)")
         if not math.isfinite(float(self.log_lambda_offset)):
             raise HyperParamsError("log_lambda_offset must be a finite number")
+        for key in ("log_mu_init", "log_mu_offset"):
+            if not math.isfinite(float(getattr(self, key))):
+                raise HyperParamsError(f"{key} must be a finite number")
+        if self.null_space and not 0 < float(self.null_space_threshold) < 1:
+            raise HyperParamsError("null_space_threshold must be in (0, 1) (a fraction of C0's largest eigenvalue)")
+        if self.uses_preserved_keys() and not self.use_regularization:
+            raise HyperParamsError("use_preserved_cov / null_space need use_regularization: true (eq 3's ridge)")
+        if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
+            raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
         # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
         # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
         # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.
@@ -107,6 +133,10 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             from ...integration.preloaded import PreloadedModel
 
             self.model_name = PreloadedModel(self.model_name)
+
+    def uses_preserved_keys(self) -> bool:
+        """Whether eq 3 uses C₀'s statistics (the e^μ C₀ term, the null-space restriction, or both)."""
+        return bool(self.use_preserved_cov or self.null_space)
 
     def switches(self) -> Switches:
         if self.preset == "malmen":
@@ -142,6 +172,8 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     lr: float = 1e-4
     eta_lr: float = 3e-5
     lambda_lr: float = 1e-2
+    #: μ's own Adam group (the preserved-knowledge term; only with use_preserved_cov)
+    mu_lr: float = 1e-2
     max_grad_norm: float = 1.0
     #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts);
     #: the paper (and MALMEN) train on the equivalent and unrelated prompts only: edit_coef 0
@@ -160,3 +192,5 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
     #: where checkpoints go (``--out`` overrides); the best network is exported to ``<out>/best.safetensors``
     results_dir: str = "runs/agrade"
+    #: start from this trained archive's network instead of a fresh one (fresh optimiser; ``--init-from``)
+    init_archive: Optional[str] = None

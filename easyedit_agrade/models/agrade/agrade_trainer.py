@@ -125,11 +125,24 @@ class AGRADETrainer:
         self.editor = AGRADEEditor(model, tok, config, self.nets)
         if config.train_lower_dtype:
             self.editor.use_lower_dtype(getattr(torch, config.train_lower_dtype))
-        self.opt = torch.optim.Adam(self.nets.param_groups(config.lr, config.eta_lr, config.lambda_lr))
+        if config.init_archive:
+            self._init_from_archive(config.init_archive)
+        self.opt = torch.optim.Adam(self.nets.param_groups(config.lr, config.eta_lr, config.lambda_lr,
+                                                           mu_lr=config.mu_lr))
         self.step = 0
         self.state: dict[str, Any] = {"best": None, "best_step": None, "bad_evals": 0, "history": [],
                                       "train_wall_s": 0.0, "stopped_early": False}
         self._val_probes: Probes | None = None
+
+    def _init_from_archive(self, path: str) -> None:
+        """Start from a trained archive's network (``init_archive``; a fresh optimiser): e.g. continue a shipped
+        archive with the preserved-knowledge term switched on (its μ then starts at ``log_mu_init``)."""
+        from .archive import load_networks
+
+        trained = load_networks(path, self.model, self.config, dtype=next(self.nets.parameters()).dtype)
+        self.nets.load_state_dict(trained.state_dict(), strict=True)
+        self.nets.train()
+        self.log(f"initialised the networks from {path}")
 
     # -- data --------------------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
@@ -213,14 +226,13 @@ class AGRADETrainer:
         #    identical on every rank) added after the gradient all-reduce
         self.opt.zero_grad(set_to_none=True)
         surrogate_total = 0.0
-        lambda_grads: list[tuple[str, torch.Tensor]] = []
+        ridge_grads: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
         for me in result.modules:
             g = g_theta[me.name]
-            P, lam_grad = eq.eq6_and_lambda_gradient(me.fact, me.H, g, me.delta,
-                                                     use_gradient_projection=sw.gradient_projection,
-                                                     regularization=sw.regularization)
-            if lam_grad is not None:
-                lambda_grads.append((me.name, lam_grad))
+            P, lam_grad, mu_grad = eq.eq6_and_ridge_gradients(me.fact, me.H, g, me.delta,
+                                                              use_gradient_projection=sw.gradient_projection,
+                                                              regularization=sw.regularization)
+            ridge_grads.append((me.name, lam_grad, mu_grad))
             with torch.enable_grad():
                 G = ed.module_G(me.name, me.H, me.grad, me.G_prev, coll, me.key_reference)
                 surrogate = eq.eq7_surrogate_loss(P, G)
@@ -229,12 +241,16 @@ class AGRADETrainer:
         if coll.is_distributed:
             coll.all_reduce_grads_([p for group in self.opt.param_groups for p in group["params"]])
             surrogate_total = float(coll.all_reduce_(torch.tensor([surrogate_total], dtype=torch.float64))[0])
-        for name, lam_grad in lambda_grads:
+        for name, lam_grad, mu_grad in ridge_grads:
             slot = self.nets.slot(name)
-            ll = self.nets.nets[slot.group].log_lambda
-            if ll.grad is None:
-                ll.grad = torch.zeros_like(ll)
-            ll.grad[slot.index] += lam_grad.to(ll.dtype)
+            for param, grad in ((self.nets.nets[slot.group].log_lambda, lam_grad),
+                                (None if self.nets.log_mu_params is None else self.nets.log_mu_params[slot.group],
+                                 mu_grad)):
+                if param is None or grad is None:
+                    continue
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad[slot.index] += grad.to(param.dtype)
         return {"gen_loss": gen_loss, "edit_loss": edit_loss, "loc_loss": loc_loss,
                 "loss": cfg.gen_coef * gen_loss + cfg.edit_coef * edit_loss + cfg.loc_coef * loc_loss,
                 "surrogate": surrogate_total, "es": es, "gs": gs, "ls": ls, "score": harmonic_mean(es, gs, ls),
@@ -323,6 +339,8 @@ class AGRADETrainer:
                          "eta": _round({k: v["eta"] for k, v in self.nets.per_module_scalars().items()}),
                          "log_lambda": _round({k: v["log_lambda"]
                                                for k, v in self.nets.per_module_scalars().items()})}
+                if self.nets.log_mu_params is not None:
+                    entry["log_mu"] = _round({k: v["log_mu"] for k, v in self.nets.per_module_scalars().items()})
                 self.state["history"].append(entry)
                 self.log(json.dumps(entry))
                 if improved:
@@ -365,6 +383,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-edits", type=int, help="override n_edits (edits per step)")
     p.add_argument("--val-every", type=int, help="override val_every")
     p.add_argument("--preset", choices=["agrade", "malmen"], help="override preset")
+    p.add_argument("--init-from", metavar="ARCHIVE", help="start from this trained archive (sets init_archive)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any hparam (YAML value), e.g. --set use_weight_projection=false")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -389,7 +408,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     for k, v in (("max_steps", args.max_steps), ("seed", args.seed), ("n_edits", args.n_edits),
-                 ("val_every", args.val_every), ("preset", args.preset)):
+                 ("val_every", args.val_every), ("preset", args.preset), ("init_archive", args.init_from)):
         if v is not None:
             overrides[k] = v
     cfg = load_training_config(args.config, overrides)

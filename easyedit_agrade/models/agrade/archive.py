@@ -96,7 +96,9 @@ def build_networks(model: nn.Module, hparams: AGRADEHyperParams, seed: int = 0) 
 
     stack = LayerStack(model, list(hparams.inner_params))
     nets = EditorNetworks(stack.sizes(), rank=hparams.rank, n_blocks=hparams.n_blocks, lr_init=hparams.eta_init,
-                          log_lambda_init=hparams.log_lambda_init, seed=seed)
+                          log_lambda_init=hparams.log_lambda_init,
+                          log_mu_init=hparams.log_mu_init if getattr(hparams, "use_preserved_cov", False) else None,
+                          seed=seed)
     return nets
 
 
@@ -180,7 +182,13 @@ def load_networks(path: str | os.PathLike[str], model: nn.Module, hparams: AGRAD
         raise ArchiveMismatchError(f"AGRADE archive {Path(path).name} does not match: " + "; ".join(problems)
                                    + f". {retrain_hint(hparams)}")
     nets = build_networks(model, hparams)
-    nets.load_state_dict(tensors, strict=True)
+    # log μ (preserved-knowledge term) is optional on both sides: an archive trained without the term is used
+    # with μ = log_mu_init; one trained with it, edited without the term, simply ignores its μ
+    missing, unexpected = nets.load_state_dict(tensors, strict=False)
+    wrong = [k for k in [*missing, *unexpected] if not k.startswith("log_mu_params.")]
+    if wrong:
+        raise ArchiveMismatchError(f"AGRADE archive {Path(path).name} does not fit the network built from the hparams "
+                                   f"(missing {list(missing)}, unexpected {list(unexpected)}). {retrain_hint(hparams)}")
     nets.to(dtype=dtype)
     nets.eval()
     for p in nets.parameters():

@@ -27,7 +27,8 @@ from ...core.cache import KeyGradCache, LayerStack, cache_keys_and_grads
 from ...core.hypernet import EditorNetworks
 from ...core.tokenize import encode_prompt_target
 from ...distributed.collective import Collective
-from ...kernels import choose_method, factorize_gram
+from ...kernels import choose_method
+from ...kernels.preserved import PreservedKeys
 from ...kernels.reference import gram_ref
 from . import equations as eq
 from .outliers import out_of_distribution_rows, row_norm_median, suppress_massive_rows, suppress_rows
@@ -116,6 +117,9 @@ class AGRADEEditor:
         self.switches: Switches = hparams.switches()
         self.dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
         self.lower_stack: LayerStack | None = None  # optional low-precision copy for the frozen lower layers
+        #: C₀'s eigendecomposition per module for the preserved-knowledge term (None: the term is off)
+        self.preserved: dict[str, PreservedKeys] | None = (preserved_keys_for(model, tok, hparams)
+                                                            if hparams.uses_preserved_keys() else None)
 
     def use_lower_dtype(self, dtype: torch.dtype | None) -> None:
         """Run the frozen layers below the first edited one in ``dtype`` (e.g. bf16, ~3x faster on CPU) from a
@@ -214,6 +218,30 @@ class AGRADEEditor:
             log_lambda = log_lambda + offset
         return log_lambda
 
+    def ridge_log_mu(self, name: str) -> torch.Tensor | float | None:
+        """log μ of the preserved-knowledge term for ``name`` (None: no e^μ C₀ term). The network's learned μ when
+        it has one, else ``hparams.log_mu_init``; ``hparams.log_mu_offset`` is added when editing (eval mode)."""
+        if not getattr(self.hparams, "use_preserved_cov", False):
+            return None
+        log_mu = self.nets.log_mu(name)
+        if log_mu is None:
+            log_mu = torch.tensor(float(self.hparams.log_mu_init), dtype=torch.float64)
+        offset = float(getattr(self.hparams, "log_mu_offset", 0.0) or 0.0)
+        if offset and not self.nets.net(name).training:
+            log_mu = log_mu + offset
+        return log_mu
+
+    def factorize(self, name: str, H: torch.Tensor, gram: torch.Tensor | None = None):
+        """Eq 3 for module ``name`` with its λ (and, when on, the preserved-knowledge term): from the rows ``H``,
+        or — streamed / data-parallel — from the summed ``gram`` with ``H`` the local rows."""
+        log_lambda = self.ridge_log_lambda(name)
+        preserved = None if self.preserved is None else self.preserved[name]
+        log_mu = self.ridge_log_mu(name)
+        if gram is not None:
+            return eq.eq3_factorize_gram(gram, log_lambda, H, preserved=preserved, log_mu=log_mu)
+        return eq.eq3_factorize(H, log_lambda, method=self.hparams.solver, backend=self.hparams.kernels_backend,
+                                preserved=preserved, log_mu=log_mu)
+
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
         """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
         if (collective is not None and collective.is_distributed) or cache.spill:
@@ -243,8 +271,7 @@ class AGRADEEditor:
             if prev is not None and prev.shape[1] != grad.shape[1]:
                 prev = None
             G = self.module_G(name, H, grad, prev).detach()
-            log_lambda = self.ridge_log_lambda(name)
-            fact = eq.eq3_factorize(H, log_lambda, method=self.hparams.solver, backend=self.hparams.kernels_backend)
+            fact = self.factorize(name, H)
             delta = eq.eq5_delta(fact, G)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
@@ -306,7 +333,6 @@ class AGRADEEditor:
                 final.add(G_c)
             store.close()
             collective.all_reduce_(rhs)
-            log_lambda = self.ridge_log_lambda(name)
             H_local = grad_local = None
             if keep_modules:
                 if cache.n_rows(name):
@@ -315,7 +341,7 @@ class AGRADEEditor:
                     H_local = torch.zeros(0, Dh, dtype=self.dtype, device=dev)
                     grad_local = torch.zeros(0, Dg, dtype=self.dtype, device=dev)
             # H stays in the editor dtype (its chunks are cast to fp64 inside eq 6's product)
-            fact = factorize_gram(gram_acc, None if log_lambda is None else log_lambda.detach(), H_local)
+            fact = self.factorize(name, H_local, gram=gram_acc)
             delta = fact.solve(rhs).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
@@ -354,6 +380,33 @@ class AGRADEEditor:
             return self.compute(cache, collective, keep_modules=False)
         finally:
             cache.close()
+
+
+_PRESERVED_KEYS: dict[tuple, tuple] = {}
+
+
+def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams) -> dict[str, PreservedKeys]:
+    """C₀ per edited module (:mod:`easyedit_agrade.core.preserved_stats`: computed once per model and cached on
+    disk) and its eigendecomposition (kept per model object and null-space threshold in this process)."""
+    import weakref
+
+    from ...core.preserved_stats import preserved_second_moments
+
+    names = LayerStack(model, list(hparams.inner_params)).module_names
+    settings = dict(corpus=hparams.preserved_corpus, n_tokens=int(hparams.preserved_tokens),
+                    window=int(hparams.preserved_window), root=hparams.preserved_stats_dir)
+    threshold = float(hparams.null_space_threshold) if hparams.null_space else None
+    key = (id(model), tuple(names), tuple(sorted((k, str(v)) for k, v in settings.items())), threshold)
+    hit = _PRESERVED_KEYS.get(key)
+    if hit is not None and hit[0]() is model:
+        return hit[1]
+    stats = preserved_second_moments(model, tok, names, **settings, progress=True,
+                                     log=lambda s: print(f"[AGRADE] {s}", flush=True))
+    keys = {n: PreservedKeys.from_second_moment(stats[n], threshold) for n in names}
+    for stale in [k for k, (ref, _) in _PRESERVED_KEYS.items() if ref() is None]:
+        del _PRESERVED_KEYS[stale]
+    _PRESERVED_KEYS[key] = (weakref.ref(model), keys)
+    return keys
 
 
 class _LazyHidden:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import RidgeFactorization, factorize
+from ...kernels import RidgeFactorization, factorize, factorize_gram
+from ...kernels.preserved import PreservedKeys, PreservedRidge, factorize_gram_preserved, factorize_preserved
 
 
 def eq1_adjustment_coefficients(H: torch.Tensor, H_tilde: torch.Tensor, eta: torch.Tensor | float) -> torch.Tensor:
@@ -36,10 +37,33 @@ def eq3_regularized_matrix(H: torch.Tensor, log_lambda: torch.Tensor | float | N
 
 
 def eq3_factorize(H: torch.Tensor, log_lambda: torch.Tensor | float | None, *, method: str = "auto",
-                  backend: str | None = None) -> RidgeFactorization:
-    """Eq 3, factored once (kernels' checked Cholesky; dual form when T < Dh) for eqs 5 and 6."""
-    ll = None if log_lambda is None else (log_lambda.detach() if isinstance(log_lambda, torch.Tensor) else log_lambda)
+                  backend: str | None = None, preserved: PreservedKeys | None = None,
+                  log_mu: torch.Tensor | float | None = None) -> RidgeFactorization | PreservedRidge:
+    """Eq 3, factored once (kernels' checked Cholesky; dual form when T < Dh) for eqs 5 and 6.
+
+    ``preserved`` (the preserved-knowledge term, :mod:`easyedit_agrade.kernels.preserved`): M = HᵀH + e^λ I +
+    e^μ C₀ on the kept basis of C₀ (all of it, or its null space); ``log_mu`` None drops the e^μ C₀ term (null
+    space only). Without ``preserved`` this is the paper's eq 3 exactly.
+    """
+    ll = _detached(log_lambda)
+    if preserved is not None:
+        return factorize_preserved(H.detach(), ll, preserved, _detached(log_mu), method=method, backend=backend)
     return factorize(H.detach(), ll, method=method, backend=backend)
+
+
+def eq3_factorize_gram(gram: torch.Tensor, log_lambda: torch.Tensor | float | None, H: torch.Tensor | None, *,
+                       preserved: PreservedKeys | None = None,
+                       log_mu: torch.Tensor | float | None = None) -> RidgeFactorization | PreservedRidge:
+    """Eq 3 from an accumulated Gram HᵀH (streamed / data-parallel; ``H`` the local rows for eq 6), with the same
+    optional preserved-knowledge term as :func:`eq3_factorize`. Solve eq 5 with ``.solve(HᵀG)``."""
+    ll = _detached(log_lambda)
+    if preserved is not None:
+        return factorize_gram_preserved(gram, ll, preserved, _detached(log_mu), H)
+    return factorize_gram(gram, ll, H)
+
+
+def _detached(x):
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
@@ -95,8 +119,25 @@ def eq6_and_lambda_gradient(fact: RidgeFactorization, H: torch.Tensor, g_theta: 
                             *, use_gradient_projection: bool = True,
                             regularization: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(P of eq 6, ∂L/∂λ or None without regularisation), sharing one solve when both are needed."""
-    if regularization and use_gradient_projection and hasattr(fact, "project_and_lambda_grad"):
+    P, lam, _ = eq6_and_ridge_gradients(fact, H, g_theta, delta, use_gradient_projection=use_gradient_projection,
+                                        regularization=regularization)
+    return P, lam
+
+
+def eq6_and_ridge_gradients(fact, H: torch.Tensor, g_theta: torch.Tensor, delta: torch.Tensor, *,
+                            use_gradient_projection: bool = True, regularization: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(P of eq 6, ∂L/∂λ, ∂L/∂μ), sharing one solve: ∂L/∂λ = −e^λ ⟨M⁻¹g_θ, ΔW⟩ and, with the preserved-knowledge
+    term, ∂L/∂μ = −e^μ ⟨M⁻¹g_θ, C₀ΔW⟩ (dM/dμ = e^μ C₀); None where the parameter is not in the solve."""
+    preserved = hasattr(fact, "project_and_ridge_grads")
+    if regularization and use_gradient_projection:
+        if preserved:
+            return fact.project_and_ridge_grads(g_theta, delta)
         P, lam = fact.project_and_lambda_grad(g_theta, delta)
-        return P, lam
+        return P, lam, None
     P = eq6_projected_gradient(fact, H, g_theta, use_gradient_projection)
-    return P, (lambda_gradient(fact, g_theta, delta) if regularization else None)
+    if not regularization:
+        return P, None, None
+    if preserved:
+        return (P, *fact.project_and_ridge_grads(g_theta, delta)[1:])
+    return P, lambda_gradient(fact, g_theta, delta), None

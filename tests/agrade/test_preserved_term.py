@@ -1,0 +1,144 @@
+"""AGRADE's preserved-knowledge term on tiny models: the key statistics (C₀ against an independent reference,
+cache keyed and reused, clear errors), the editor's in-memory and streamed paths agree, the term off is the
+paper's eq 3 exactly, μ → −∞ recovers it, and the null space leaves C₀-dominant keys unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyedit_agrade.core import preserved_stats as ps
+from easyedit_agrade.core.weights import get_module
+from easyedit_agrade.kernels import factorize
+
+from agrade_helpers import LLAMA_PARAMS, records, tiny_editor, tiny_llama
+
+MODULES = [p[: -len(".weight")] for p in LLAMA_PARAMS]
+
+
+@pytest.fixture
+def settings(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"Line {i}: the {w} stands by the river, north of the old market square."
+                               for i, w in enumerate(["mill", "tower", "chapel", "bridge"] * 25)), encoding="utf-8")
+    return dict(preserved_corpus=str(corpus), preserved_tokens=192, preserved_window=32,
+                preserved_stats_dir=str(tmp_path / "stats"))
+
+
+def _load(model, tok, settings, **kw):
+    return ps.load_or_compute_second_moments(model, tok, MODULES, corpus=settings["preserved_corpus"],
+                                             n_tokens=settings["preserved_tokens"],
+                                             window=settings["preserved_window"],
+                                             root=settings["preserved_stats_dir"], progress=False, **kw)
+
+
+def test_second_moments_match_an_independent_reference(tok, settings):
+    model = tiny_llama(len(tok))
+    stats = _load(model, tok, settings)
+    windows = ps.text_windows(tok, settings["preserved_corpus"], n_windows=6, window=32)
+    rows = {n: [] for n in MODULES}
+    hooks = [get_module(model, n).register_forward_hook(lambda m, i, o, n=n: rows[n].append(i[0].reshape(-1, i[0].shape[-1])))
+             for n in MODULES]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in hooks:
+        h.remove()
+    for n in MODULES:
+        K = torch.cat(rows[n]).double()
+        assert K.shape[0] == 192
+        torch.testing.assert_close(stats[n].double(), K.T @ K / K.shape[0], rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_cache_is_keyed_by_model_and_reused(tok, settings, monkeypatch):
+    a, b = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    first = _load(a, tok, settings)
+    path_a = ps.stats_file(a, ps.resolve_corpus(settings["preserved_corpus"]), 192, 32, settings["preserved_stats_dir"])
+    assert path_a.is_file()
+    calls = []
+    real = ps.key_second_moments
+    monkeypatch.setattr(ps, "key_second_moments", lambda *x, **k: calls.append(1) or real(*x, **k))
+    again = _load(tiny_llama(len(tok), seed=0), tok, settings)  # equal weights, another object: the file is reused
+    assert calls == [] and all(torch.equal(first[n], again[n]) for n in MODULES)
+    other = _load(b, tok, settings)  # other weights: another file, computed
+    assert calls == [1] and not torch.equal(first[MODULES[0]], other[MODULES[0]])
+    assert ps.stats_file(b, ps.resolve_corpus(settings["preserved_corpus"]), 192, 32,
+                         settings["preserved_stats_dir"]) != path_a
+
+
+def test_missing_corpus_and_the_perplexity_text_are_refused(tok, settings, tmp_path):
+    model = tiny_llama(len(tok))
+    with pytest.raises(FileNotFoundError, match="preserved_corpus 'nowhere/none.txt' not found"):
+        _load(model, tok, dict(settings, preserved_corpus="nowhere/none.txt"))
+    test_text = tmp_path / "wiki.test.tokens"
+    test_text.write_text("held-out text " * 100, encoding="utf-8")
+    with pytest.raises(ValueError, match="held-out perplexity text"):
+        _load(model, tok, dict(settings, preserved_corpus=str(test_text)))
+    assert not (tmp_path / "stats").exists()  # nothing written on a refusal
+
+
+def _deltas(ed, recs):
+    return ed.compute(ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs]))).deltas
+
+
+@pytest.mark.parametrize("null_space", [False, True])
+def test_streamed_spilled_equals_in_memory_with_the_term(tok, settings, tmp_path, null_space):
+    recs = records(6)
+    common = dict(settings, use_preserved_cov=True, log_mu_init=1.0, null_space=null_space, null_space_threshold=0.05)
+    mem = tiny_editor(tok, solver="dual", **common)
+    ref = _deltas(mem, recs)
+    spill = tiny_editor(tok, cache_spill=True, cache_spill_dir=str(tmp_path), cache_batch_size=2, **common)
+    cache = spill.cache(spill.encode([r.prompt for r in recs], [r.target_new for r in recs], micro_batch=2))
+    assert spill.use_streamed(cache)
+    out = spill.compute(cache)
+    cache.close()
+    for n, d in ref.items():
+        torch.testing.assert_close(out.deltas[n], d, rtol=1e-8, atol=1e-10)
+
+
+def test_term_off_is_the_papers_eq3_bit_for_bit(tok, settings):
+    recs = records(6)
+    ed = tiny_editor(tok, **settings)  # statistics settings present, both switches off
+    assert ed.preserved is None and not (ps.Path(settings["preserved_stats_dir"])).exists()
+    cache = ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs]))
+    out = ed.compute(cache)
+    G_prev = None
+    for n in ed.stack.module_names:  # eq 1, 2, 4 and the plain ridge of eq 3, by hand
+        H, grad = cache.get(n)
+        G = ed.module_G(n, H, grad, G_prev)
+        expected = factorize(H, ed.nets.log_lambda(n).detach()).solve_delta(G)
+        assert torch.equal(out.deltas[n], expected)
+        G_prev = G
+
+
+def test_mu_to_minus_infinity_recovers_eq3(tok, settings):
+    recs = records(6)
+    plain = _deltas(tiny_editor(tok), recs)
+    limit = _deltas(tiny_editor(tok, use_preserved_cov=True, log_mu_init=-800.0, **settings), recs)
+    strong_ed = tiny_editor(tok, use_preserved_cov=True, log_mu_init=15.0, **settings)  # tiny keys: C₀ ~ 1e-4
+    strong = _deltas(strong_ed, recs)
+    stats = _load(strong_ed.model, tok, settings)
+    for n in plain:
+        torch.testing.assert_close(limit[n], plain[n], rtol=1e-8, atol=1e-10)
+        # a strong e^μ C₀ shrinks the change seen by ordinary-text keys, E‖kΔW‖² = tr(ΔWᵀ C₀ ΔW)
+        C0 = stats[n].double()
+        assert float(torch.trace(strong[n].T @ C0 @ strong[n])) < 0.1 * float(torch.trace(plain[n].T @ C0 @ plain[n]))
+
+
+def test_null_space_edit_leaves_dominant_text_keys_unchanged(tok, settings):
+    recs = records(6)
+    ed = tiny_editor(tok, null_space=True, null_space_threshold=0.05, **settings)
+    deltas = _deltas(ed, recs)
+    stats = _load(ed.model, tok, settings)
+    for n, d in deltas.items():
+        s, U = torch.linalg.eigh(stats[n].double())
+        dominant = U[:, s > 0.05 * s.max()]
+        assert dominant.shape[1] > 0
+        assert float((dominant.T @ d).norm()) < 1e-8 * float(d.norm())
+
+
+def test_bad_switch_combinations_name_the_field(tok, settings):
+    from easyedit_agrade.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="use_regularization"):
+        tiny_editor(tok, use_preserved_cov=True, use_regularization=False, **settings)
+    with pytest.raises(HyperParamsError, match="null_space_threshold"):
+        tiny_editor(tok, null_space=True, null_space_threshold=1.5, **settings)
