@@ -1,0 +1,267 @@
+"""AGRADE at scale: ES / GS / LS / Score / portability / WikiText-2 perplexity / edit time vs the number of edits
+made in ONE batch, for several editors (archives × edit-time settings), on CounterFact and zsRE records outside
+the training data. Markdown + JSON + PNG (Score and perplexity vs N, log-x), plus greedy generations of a few
+edited prompts so degeneration ("India, India, India") shows.
+
+Each editor is ``NAME=ARCHIVE[;key=value;...]`` (edit-time overrides of ``hparams/AGRADE/smollm2-135m.yaml``,
+e.g. ``use_preserved_cov=true;log_mu_offset=2``); ``shipped`` means the archive the default YAML finds.
+
+Sets (``--sets``; validation sets are the only ones to choose settings on):
+
+* ``cf`` — ``counterfact/counterfact-edit.json`` (7,000 records; test);
+* ``zsre`` — zsRE eval, ``portability/One_Hop/zsre_mend_eval_portability_gpt4.json`` (722 records; test;
+  with one-hop portability questions);
+* ``cf-val`` — ``counterfact/counterfact-val.json`` (1,919 records; validation);
+* ``zsre-val`` — ``zsre/zsre_mend_train_10000.json`` records 9,000–9,999 (validation; never in a training pool of
+  this project: the mixed pool stops at record 8,999).
+
+For each set and N the first N records are edited in one batch; ES/GS/LS/portability are measured on the first
+``min(N, --eval-cap)`` of them (teacher-forced token accuracy; LS = agreement with the unedited model), perplexity
+on ``--ppl-windows`` × ``--ppl-window`` tokens of ``wikitext/wiki.test.tokens``. The model is restored bit-exactly
+after every edit.
+
+Example (the README table)::
+
+    python examples/agrade_scaling.py --sets cf zsre --n 16 256 1024 2048 4096 \\
+        --editor "default=shipped" --editor "preserved=shipped;use_preserved_cov=true" \\
+        --out docs/agrade_scaling.json --md docs/agrade_scaling.md --plot docs/img/agrade_scaling.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+HPARAMS = "hparams/AGRADE/smollm2-135m"
+SETS = {
+    "cf": ("counterfact/counterfact-edit.json", "counterfact", 0),
+    "zsre": ("portability/One_Hop/zsre_mend_eval_portability_gpt4.json", "zsre", 0),
+    "cf-val": ("counterfact/counterfact-val.json", "counterfact", 0),
+    "zsre-val": ("zsre/zsre_mend_train_10000.json", "zsre", 9000),
+}
+
+
+def parse_editor(spec: str) -> tuple[str, str, dict]:
+    import yaml
+
+    name, _, rest = spec.partition("=")
+    archive, *over = rest.split(";")
+    if not name or not archive:
+        raise SystemExit(f"--editor {spec!r}: expected NAME=ARCHIVE[;key=value...]")
+    return name, archive, {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in over if o)}
+
+
+def read_set(name: str, n: int):
+    from easyedit_agrade.dataset import read_records
+    from easyedit_agrade.paths import data_file
+
+    path, fmt, start = SETS[name]
+    recs = read_records(data_file(path), fmt, start=start, limit=n, skip_invalid=True)
+    portability = None
+    if name == "zsre":
+        raw = json.loads(data_file(path).read_text(encoding="utf-8"))
+        portability = [(raw[r.index]["portability"]["New Question"], raw[r.index]["portability"]["New Answer"])
+                       for r in recs]
+    return recs, portability
+
+
+def repetition_rate(ids: list[int]) -> float:
+    """Share of generated tokens that repeat an earlier generated token (0: all distinct)."""
+    return 1.0 - len(set(ids)) / len(ids) if ids else 0.0
+
+
+def generate(model, tok, prompts, max_new_tokens: int):
+    import torch
+
+    out = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        out.append({"prompt": p, "text": tok.decode(ids, skip_special_tokens=True), "repetition": repetition_rate(ids)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=["cf", "zsre"], choices=list(SETS))
+    p.add_argument("--n", nargs="+", type=int, default=[16, 256, 1024, 2048, 4096])
+    p.add_argument("--editor", action="append", default=[], metavar="NAME=ARCHIVE[;k=v...]")
+    p.add_argument("--eval-cap", type=int, default=512)
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--ppl-window", type=int, default=256)
+    p.add_argument("--generations", type=int, default=3, help="edited prompts to generate from (greedy)")
+    p.add_argument("--gen-tokens", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/agrade_scaling.json")
+    p.add_argument("--md", help="also write the Markdown table here")
+    p.add_argument("--plot", help="PNG: Score and perplexity vs N")
+    args = p.parse_args(argv)
+    editors = [parse_editor(s) for s in (args.editor or ["default=shipped"])]
+
+    import torch
+
+    from easyedit_agrade.core.weights import apply_deltas, restore_weights
+    from easyedit_agrade.evaluate.general import WIKITEXT_FILE, wikitext_windows
+    from easyedit_agrade.evaluate.scoring import perplexity
+    from easyedit_agrade.lm import load_model_and_tokenizer
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean
+    from easyedit_agrade.models.agrade.archive import build_networks, find_archive, load_networks
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+    from easyedit_agrade.paths import data_dir
+
+    torch.set_num_threads(args.threads)
+    base = AGRADEHyperParams.from_hparams(HPARAMS)
+    model, tok = load_model_and_tokenizer(str(base.model_name))
+    windows = wikitext_windows(tok, data_dir() / WIKITEXT_FILE, n_windows=args.ppl_windows, window=args.ppl_window)
+    probe_editor = AGRADEEditor(model, tok, base, build_networks(model, base))
+    results: dict = {"command": " ".join(sys.argv), "editors": {}, "sets": {}, "rows": [],
+                     "ppl_unedited": float(perplexity(model, windows)), "ppl_tokens": int(windows.numel())}
+    print(f"unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} on {windows.numel()} tokens", flush=True)
+    loaded: dict[str, object] = {}
+    prepared = []
+    for name, archive, over in editors:
+        hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), **over, batch_size=max(args.n)))
+        path = str(find_archive(model, hp)) if archive == "shipped" else archive
+        hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
+        if path not in loaded:
+            loaded[path] = load_networks(path, model, hp)
+        results["editors"][name] = {"archive": path, "overrides": over}
+        prepared.append((name, hp))
+    for set_name in args.sets:
+        all_recs, portability = read_set(set_name, max(args.n))
+        cap = min(args.eval_cap, len(all_recs))
+        ns = sorted({min(n, len(all_recs)) for n in args.n})
+        results["sets"][set_name] = {"available": len(all_recs), "eval_cap": cap}
+        probes_cache: dict[int, tuple] = {}
+
+        def probes_for(n_eval: int):
+            if n_eval not in probes_cache:
+                recs = all_recs[:n_eval]
+                pr = build_probes(probe_editor, recs)
+                port = None
+                if portability is not None:
+                    port = probe_editor.encode([q for q, _ in portability[:n_eval]],
+                                               [a for _, a in portability[:n_eval]], max_length=None)
+                    probe_editor.lower(port)
+                ref = argmax_at_targets(probe_editor, pr.loc)
+                pre = {"es": accuracy(probe_editor, pr.edit, pr.n), "gs": accuracy(probe_editor, pr.equiv, pr.n),
+                       "portability": accuracy(probe_editor, port, pr.n) if port is not None else None}
+                probes_cache[n_eval] = (pr, port, ref, pre)
+            return probes_cache[n_eval]
+
+        for n in ns:
+            recs = all_recs[:n]
+            pr, port, ref, pre = probes_for(min(n, cap))
+            gen_prompts = [r.prompt for r in recs[:args.generations]]
+            row_pre = {"set": set_name, "n": n, "editor": "unedited", "es": pre["es"], "gs": pre["gs"], "ls": 1.0,
+                       "score": harmonic_mean(pre["es"], pre["gs"], 1.0), "portability": pre["portability"],
+                       "ppl": results["ppl_unedited"]}
+            if n == ns[0]:
+                row_pre["generations"] = generate(model, tok, gen_prompts, args.gen_tokens)
+            results["rows"].append(row_pre)
+            for name, hp in prepared:
+                editor = AGRADEEditor(model, tok, hp, loaded[hp.archive])
+                t0 = time.perf_counter()
+                try:
+                    with torch.enable_grad():
+                        mbs = editor.encode([r.prompt for r in recs], [r.target_new for r in recs])
+                        cache = editor.cache(mbs, keep_hidden=False)
+                    try:
+                        result = editor.compute(cache, keep_modules=False)
+                    finally:
+                        cache.close()
+                except Exception as exc:  # reported in the table, never silently dropped
+                    results["rows"].append({"set": set_name, "n": n, "editor": name, "error": repr(exc)})
+                    print(f"[{set_name} N={n}] {name}: FAILED {exc!r}", flush=True)
+                    continue
+                weights_copy = apply_deltas(model, result.deltas, mode=hp.apply_mode)
+                edit_s = time.perf_counter() - t0
+                try:
+                    row = {"set": set_name, "n": n, "editor": name, "edit_s": edit_s, "edits_per_s": n / edit_s,
+                           "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
+                           "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
+                           "portability": accuracy(editor, port, pr.n) if port is not None else None,
+                           "ppl": float(perplexity(model, windows)),
+                           "delta_ratio": {k: float(d.norm() / weights_copy[k + ".weight"].float().norm())
+                                           for k, d in result.deltas.items()} if weights_copy else None,
+                           "generations": generate(model, tok, gen_prompts, args.gen_tokens)}
+                finally:
+                    restore_weights(model, weights_copy)
+                row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
+                row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                results["rows"].append(row)
+                print(f"[{set_name} N={n}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
+                      f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
+                      f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s | {row['generations'][0]['text']!r}", flush=True)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results)
+    print(table)
+    results["markdown"] = table
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    if args.md:
+        Path(args.md).write_text(table + "\n", encoding="utf-8")
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
+             "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
+    lines.append("| set | N | editor | ES | GS | LS | Score | portability | ppl (× unedited) | edit s | edits/s | "
+                 "max ‖ΔW‖/‖W‖ | peak RSS MB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        port = "–" if r.get("portability") is None else f"{r['portability']:.3f}"
+        ratio = "–" if not r.get("delta_ratio") else f"{max(r['delta_ratio'].values()):.3f}"
+        rel = r["ppl"] / results["ppl_unedited"]
+        lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
+                     f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
+                     f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | "
+                     f"{r.get('peak_rss_mb', 0):.0f} |")
+    gens = [r for r in results["rows"] if r.get("generations")]
+    if gens:
+        lines += ["", "Greedy generations (first edited prompts):", ""]
+        for r in gens:
+            for g in r["generations"][:2]:
+                lines.append(f"- {r['set']} N={r['n']} {r['editor']}: {g['prompt']!r} → {g['text']!r} "
+                             f"(repetition {g['repetition']:.2f})")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in results["rows"] if "error" not in r and r["editor"] != "unedited"]
+    for key in sorted({(r["set"], r["editor"]) for r in rows}):
+        pts = sorted((r["n"], r["score"], r["ppl"]) for r in rows if (r["set"], r["editor"]) == key)
+        label = f"{key[0]} · {key[1]}"
+        axes[0].plot([x[0] for x in pts], [x[1] for x in pts], marker="o", label=label)
+        axes[1].plot([x[0] for x in pts], [x[2] / results["ppl_unedited"] for x in pts], marker="o", label=label)
+    axes[0].set(xscale="log", xlabel="edits in one batch", ylabel="Editing Score", title="Score vs N")
+    axes[1].set(xscale="log", yscale="log", xlabel="edits in one batch", ylabel="perplexity / unedited",
+                title="WikiText-2 perplexity vs N")
+    axes[1].axhline(1.3, color="grey", linestyle="--", linewidth=1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
