@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from easyedit_agrade.models.agrade import AGRADEHyperParams
     from easyedit_agrade.models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean
     from easyedit_agrade.models.agrade.archive import build_networks, find_archive, load_networks
-    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+    from easyedit_agrade.core.preserved_stats import preserved_second_moments
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor, preserved_output_change
     from easyedit_agrade.paths import data_dir
 
     torch.set_num_threads(args.threads)
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model_and_tokenizer(str(base.model_name))
     windows = wikitext_windows(tok, data_dir() / WIKITEXT_FILE, n_windows=args.ppl_windows, window=args.ppl_window)
     probe_editor = AGRADEEditor(model, tok, base, build_networks(model, base))
+    # key statistics of the unedited model: every editor's predicted output change on ordinary text is reported
+    stats = preserved_second_moments(model, tok, probe_editor.stack.module_names, corpus=base.preserved_corpus,
+                                     n_tokens=base.preserved_tokens, window=base.preserved_window,
+                                     root=base.preserved_stats_dir)
     results: dict = {"command": " ".join(sys.argv), "editors": {}, "sets": {}, "rows": [],
                      "ppl_unedited": float(perplexity(model, windows)), "ppl_tokens": int(windows.numel())}
     print(f"unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} on {windows.numel()} tokens", flush=True)
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                            "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
                            "portability": accuracy(editor, port, pr.n) if port is not None else None,
                            "ppl": float(perplexity(model, windows)),
+                           "preserved_change": preserved_output_change(model, stats, result.deltas),
                            "delta_ratio": {k: float(d.norm() / weights_copy[k + ".weight"].float().norm())
                                            for k, d in result.deltas.items()} if weights_copy else None,
                            "generations": generate(model, tok, gen_prompts, args.gen_tokens)}
@@ -217,18 +223,19 @@ def markdown(results: dict) -> str:
     lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
              "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
     lines.append("| set | N | editor | ES | GS | LS | Score | portability | ppl (× unedited) | edit s | edits/s | "
-                 "max ‖ΔW‖/‖W‖ | peak RSS MB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 10)
             continue
         port = "–" if r.get("portability") is None else f"{r['portability']:.3f}"
         ratio = "–" if not r.get("delta_ratio") else f"{max(r['delta_ratio'].values()):.3f}"
         rel = r["ppl"] / results["ppl_unedited"]
+        change = "–" if not r.get("preserved_change") else f"{max(r['preserved_change'].values()):.3g}"
         lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
                      f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
-                     f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | "
+                     f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | {change} | "
                      f"{r.get('peak_rss_mb', 0):.0f} |")
     gens = [r for r in results["rows"] if r.get("generations")]
     if gens:

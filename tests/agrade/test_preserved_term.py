@@ -142,3 +142,24 @@ def test_bad_switch_combinations_name_the_field(tok, settings):
         tiny_editor(tok, use_preserved_cov=True, use_regularization=False, **settings)
     with pytest.raises(HyperParamsError, match="null_space_threshold"):
         tiny_editor(tok, null_space=True, null_space_threshold=1.5, **settings)
+
+
+def test_output_change_guard_refuses_before_touching_the_model(tok, settings):
+    from easyedit_agrade.models.agrade.editor import PreservedChangeError
+
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    ok = tiny_editor(tok, max_preserved_change=1e9, **settings)
+    assert ok.preserved is None and ok.second_moments is not None  # the guard alone loads statistics, no term
+    result = ok.edit_deltas(prompts, targets)
+    stats = _load(ok.model, tok, settings)
+    for n, d in result.deltas.items():  # tr(ΔWᵀC₀ΔW) / tr(WᵀC₀W), W in the editor layout (input @ W)
+        W = get_module(ok.model, n).weight.detach().double().T
+        C0 = stats[n].double()
+        assert result.preserved_change[n] == pytest.approx(float(torch.trace(d.T @ C0 @ d) / torch.trace(W.T @ C0 @ W)),
+                                                           rel=1e-6)
+    strict = tiny_editor(tok, max_preserved_change=1e-3 * min(result.preserved_change.values()), **settings)
+    before = {k: v.clone() for k, v in strict.model.state_dict().items()}
+    with pytest.raises(PreservedChangeError, match="max_preserved_change"):
+        strict.edit_deltas(prompts, targets)
+    assert all(torch.equal(before[k], v) for k, v in strict.model.state_dict().items())

@@ -98,6 +98,9 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     preserved_tokens: int = 100_000
     preserved_window: int = 256
     preserved_stats_dir: Optional[str] = None
+    #: refuse a batch whose ΔW would change an edited module's output on ordinary-text keys by more than this,
+    #: E‖kΔW‖²/E‖kW‖² = tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W) (needs the key statistics; None: no check)
+    max_preserved_change: Optional[float] = None
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -124,6 +127,8 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("null_space_threshold must be in (0, 1) (a fraction of C0's largest eigenvalue)")
         if self.uses_preserved_keys() and not self.use_regularization:
             raise HyperParamsError("use_preserved_cov / null_space need use_regularization: true (eq 3's ridge)")
+        if self.max_preserved_change is not None and not self.max_preserved_change > 0:
+            raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
         # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a

@@ -103,6 +103,13 @@ class EditResult:
     modules: list[ModuleEdit] = field(default_factory=list)
     cache_loss: float = 0.0
     n_tokens: int = 0
+    #: per module, the predicted relative output change on ordinary-text keys (see
+    #: :meth:`AGRADEEditor.preserved_output_change`; empty without key statistics)
+    preserved_change: dict[str, float] = field(default_factory=dict)
+
+
+class PreservedChangeError(RuntimeError):
+    """An edit would change the edited modules' outputs on ordinary text by more than ``max_preserved_change``."""
 
 
 class AGRADEEditor:
@@ -117,9 +124,13 @@ class AGRADEEditor:
         self.switches: Switches = hparams.switches()
         self.dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
         self.lower_stack: LayerStack | None = None  # optional low-precision copy for the frozen lower layers
-        #: C₀'s eigendecomposition per module for the preserved-knowledge term (None: the term is off)
-        self.preserved: dict[str, PreservedKeys] | None = (preserved_keys_for(model, tok, hparams)
-                                                            if hparams.uses_preserved_keys() else None)
+        #: C₀ per module (key statistics; loaded for the preserved-knowledge term or the output-change guard) and
+        #: its eigendecomposition on the kept basis (None: eq 3 without the term)
+        self.second_moments: dict[str, torch.Tensor] | None = None
+        self.preserved: dict[str, PreservedKeys] | None = None
+        if hparams.uses_preserved_keys() or getattr(hparams, "max_preserved_change", None) is not None:
+            self.second_moments, keys = preserved_keys_for(model, tok, hparams)
+            self.preserved = keys if hparams.uses_preserved_keys() else None
 
     def use_lower_dtype(self, dtype: torch.dtype | None) -> None:
         """Run the frozen layers below the first edited one in ``dtype`` (e.g. bf16, ~3x faster on CPU) from a
@@ -377,17 +388,60 @@ class AGRADEEditor:
         mbs = self.encode(prompts, targets)
         cache = self.cache(mbs, keep_hidden=False)
         try:
-            return self.compute(cache, collective, keep_modules=False)
+            result = self.compute(cache, collective, keep_modules=False)
         finally:
             cache.close()
+        self.check_preserved_change(result)
+        return result
+
+    def preserved_output_change(self, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
+        """:func:`preserved_output_change` with this editor's key statistics (empty without them)."""
+        return preserved_output_change(self.model, self.second_moments or {}, deltas)
+
+    def check_preserved_change(self, result: EditResult) -> None:
+        """Fill ``result.preserved_change`` and raise :class:`PreservedChangeError` when a module exceeds
+        ``hparams.max_preserved_change`` (nothing has been applied to the model at this point)."""
+        result.preserved_change = self.preserved_output_change(result.deltas)
+        limit = getattr(self.hparams, "max_preserved_change", None)
+        if limit is None or not result.preserved_change:
+            return
+        worst = max(result.preserved_change, key=result.preserved_change.get)
+        if result.preserved_change[worst] > limit:
+            raise PreservedChangeError(
+                f"AGRADE refused this batch: it would change {worst}'s output on ordinary text by "
+                f"{result.preserved_change[worst]:.3g} (E‖kΔW‖²/E‖kW‖²) > max_preserved_change={limit:g}; the model "
+                "was not edited. Edit fewer facts per batch (batch_size), raise log_mu_offset / log_lambda_offset, "
+                "or raise max_preserved_change if you accept the damage")
+
+
+@torch.no_grad()
+def preserved_output_change(model: nn.Module, second_moments: dict[str, torch.Tensor],
+                            deltas: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per module, E‖kΔW‖² / E‖kW‖² = tr(ΔWᵀC₀ΔW) / tr(WᵀC₀W) over ordinary-text keys k (C₀ = E[kkᵀ]): how much
+    an edit changes the module's output on text like the statistics corpus, relative to the output itself
+    (0.01 = a 10 % RMS change). Modules without statistics are left out."""
+    from ...core.weights import get_module, weight_grad_to_editor_layout
+
+    out = {}
+    for name, delta in deltas.items():
+        if name not in second_moments:
+            continue
+        module = get_module(model, name)
+        C0 = second_moments[name].to(torch.float64)
+        W = weight_grad_to_editor_layout(module, module.weight.detach()).to(torch.float64)
+        D = delta.to(torch.float64)
+        out[name] = float((D * (C0 @ D)).sum() / (W * (C0 @ W)).sum().clamp_min(1e-300))
+    return out
 
 
 _PRESERVED_KEYS: dict[tuple, tuple] = {}
 
 
-def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams) -> dict[str, PreservedKeys]:
-    """C₀ per edited module (:mod:`easyedit_agrade.core.preserved_stats`: computed once per model and cached on
-    disk) and its eigendecomposition (kept per model object and null-space threshold in this process)."""
+def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, PreservedKeys]]:
+    """(C₀, its eigendecomposition) per edited module: C₀ from :mod:`easyedit_agrade.core.preserved_stats`
+    (computed once per model and cached on disk), the eigendecomposition kept per model object and null-space
+    threshold in this process."""
     import weakref
 
     from ...core.preserved_stats import preserved_second_moments
@@ -397,16 +451,16 @@ def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams) -> dic
                     window=int(hparams.preserved_window), root=hparams.preserved_stats_dir)
     threshold = float(hparams.null_space_threshold) if hparams.null_space else None
     key = (id(model), tuple(names), tuple(sorted((k, str(v)) for k, v in settings.items())), threshold)
-    hit = _PRESERVED_KEYS.get(key)
-    if hit is not None and hit[0]() is model:
-        return hit[1]
     stats = preserved_second_moments(model, tok, names, **settings, progress=True,
                                      log=lambda s: print(f"[AGRADE] {s}", flush=True))
+    hit = _PRESERVED_KEYS.get(key)
+    if hit is not None and hit[0]() is model:
+        return stats, hit[1]
     keys = {n: PreservedKeys.from_second_moment(stats[n], threshold) for n in names}
     for stale in [k for k, (ref, _) in _PRESERVED_KEYS.items() if ref() is None]:
         del _PRESERVED_KEYS[stale]
     _PRESERVED_KEYS[key] = (weakref.ref(model), keys)
-    return keys
+    return stats, keys
 
 
 class _LazyHidden:
