@@ -166,6 +166,45 @@ def read_records(path: str | os.PathLike[str], fmt: Format = "auto", *, start: i
     return parse_records(raw, fmt, source=path.name, start=start, limit=limit, skip_invalid=skip_invalid)
 
 
+def parse_pool_entry(spec: str) -> tuple[str, int, int | None]:
+    """``"path[@start:stop]"`` → (path, start, stop or None), e.g. ``zsre/zsre_mend_train_10000.json@0:9000``."""
+    path, at, span = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if not at:
+        return spec, 0, None
+    lo, colon, hi = span.partition(":")
+    try:
+        start, stop = int(lo or 0), (int(hi) if hi else None)
+    except ValueError:
+        raise ValueError(f"pool entry {spec!r}: expected PATH@START:STOP with integers") from None
+    if not colon or start < 0 or (stop is not None and stop <= start):
+        raise ValueError(f"pool entry {spec!r}: expected PATH@START:STOP with 0 <= START < STOP")
+    return path, start, stop
+
+
+def read_pool(specs: Sequence[str], resolve=Path, *, fmt: Format = "auto", balance: bool = True) -> list[EditRecord]:
+    """A mixed pool from several files (``path[@start:stop]`` each, format detected per file; malformed records
+    skipped with a warning). ``balance``: every source is cut to the smallest one's size (the first records),
+    so a uniformly random batch draws each source equally often. Sources are interleaved round-robin."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [str(specs)]
+    sources = []
+    for spec in specs:
+        path, start, stop = parse_pool_entry(str(spec))
+        limit = None if stop is None else stop - start
+        sources.append(read_records(resolve(path), fmt, start=start, limit=limit, skip_invalid=True))
+    if not sources or not all(sources):
+        raise ValueError(f"training pool {list(specs)}: every source must hold at least one record")
+    if len(sources) == 1:
+        return sources[0]
+    if balance:
+        n = min(len(s) for s in sources)
+        sources = [s[:n] for s in sources]
+    out: list[EditRecord] = []
+    for i in range(max(len(s) for s in sources)):
+        out.extend(s[i] for s in sources if i < len(s))
+    return out
+
+
 def read_zsre_mend(path: str | os.PathLike[str], *, start: int = 0, limit: int | None = None,
                    skip_invalid: bool = False) -> list[EditRecord]:
     return read_records(path, "zsre", start=start, limit=limit, skip_invalid=skip_invalid)

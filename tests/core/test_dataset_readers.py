@@ -72,3 +72,22 @@ def test_real_shared_files():
         read_records(zt, limit=50)
     with pytest.warns(UserWarning, match="skipped 1 malformed"):
         assert len(read_records(zt, limit=50, skip_invalid=True)) == 49
+
+
+def test_mixed_pool_is_balanced_interleaved_and_sliced(tmp_path):
+    import json
+
+    from easyedit_agrade.dataset import parse_pool_entry, read_pool
+
+    cf = [{"prompt": f"cf {i} is", "target_new": "x", "rephrase_prompt": "r", "locality_prompt": "l",
+           "locality_ground_truth": "g"} for i in range(10)]
+    zs = [{"src": f"zs {i}?", "alt": "y", "rephrase": "r", "loc": "nq question: l", "loc_ans": "g"} for i in range(6)]
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    (tmp_path / "zs.json").write_text(json.dumps(zs))
+    pool = read_pool([str(tmp_path / "cf.json"), f"{tmp_path / 'zs.json'}@1:5"])
+    assert [r.prompt for r in pool] == [x for i in range(4) for x in (f"cf {i} is", f"zs {i + 1}?")]
+    assert len(read_pool([str(tmp_path / "cf.json"), str(tmp_path / "zs.json")], balance=False)) == 16
+    assert parse_pool_entry("a/b.json@0:9000") == ("a/b.json", 0, 9000)
+    for bad in ("a.json@5:2", "a.json@x:3", "a.json@7"):
+        with pytest.raises(ValueError, match="START:STOP"):
+            parse_pool_entry(bad)

@@ -165,7 +165,9 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields plus these."""
 
     #: training / validation records (a path, or relative to the shared data folder), zsRE-MEND or CounterFact-MEND
-    train_data: str = "counterfact/counterfact-train.json"
+    #: a file, or a mixed pool: a list of ``path[@start:stop]`` entries (balanced to the smallest, interleaved),
+    #: e.g. [counterfact/counterfact-train.json, zsre/zsre_mend_train_10000.json@0:9000]
+    train_data: Union[str, List[str]] = "counterfact/counterfact-train.json"
     val_data: str = "counterfact/counterfact-val.json"
     data_format: Literal["auto", "zsre", "counterfact"] = "auto"
     #: validation records: ``val_start`` .. ``val_start + val_size`` of ``val_data`` (None: the last val_size)

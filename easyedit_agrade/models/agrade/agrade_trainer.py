@@ -37,7 +37,7 @@ from ...core.cache import grad_only_for
 from ...core.checkpoint import (latest_checkpoint, load_training_checkpoint, save_json,
                                 save_training_checkpoint)
 from ...core.weights import delta_leaves
-from ...dataset.readers import EditRecord, read_records, records_from_requests
+from ...dataset.readers import EditRecord, read_pool, records_from_requests
 from ...distributed.collective import Collective, get_collective
 from . import equations as eq
 from .agrade_eval import Probes, build_probes, evaluate_records, harmonic_mean, per_record_mean
@@ -58,8 +58,10 @@ def _resolve_data(path: str) -> Path:
 def as_records(data: Any, fmt: str = "auto") -> list[EditRecord]:
     """Records from a path, a list of :class:`EditRecord`, a list of EasyEdit request dicts, or an EasyEdit
     dataset object (``ZsreDataset``/``CounterFactDataset``, whose ``_data`` holds request-like dicts)."""
-    if isinstance(data, (str, os.PathLike)):
-        return read_records(_resolve_data(str(data)), fmt, skip_invalid=True)  # type: ignore[arg-type]
+    if isinstance(data, (str, os.PathLike)) or (isinstance(data, (list, tuple)) and data
+                                                 and all(isinstance(d, str) for d in data)):
+        # one file, or a mixed pool of "path[@start:stop]" entries (balanced, interleaved)
+        return read_pool(data, _resolve_data, fmt=fmt)  # type: ignore[arg-type]
     if hasattr(data, "_data") and not isinstance(data, list):
         data = list(data._data)
     data = list(data)
