@@ -4,7 +4,7 @@ the training data. Markdown + JSON + PNG (Score and perplexity vs N, log-x), plu
 edited prompts so degeneration ("India, India, India") shows.
 
 Each editor is ``NAME=ARCHIVE[;key=value;...]`` (edit-time overrides of ``hparams/AGRADE/smollm2-135m.yaml``,
-e.g. ``use_preserved_cov=true;log_mu_offset=2``); ``shipped`` means the archive the default YAML finds.
+e.g. ``use_preserved_cov=true;log_mu_offset=2``, and ``eta_factor=K`` to scale every η as calibrate does); ``shipped`` means the archive the default YAML finds.
 
 Sets (``--sets``; validation sets are the only ones to choose settings on):
 
@@ -128,16 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": " ".join(sys.argv), "editors": {}, "sets": {}, "rows": [],
                      "ppl_unedited": float(perplexity(model, windows)), "ppl_tokens": int(windows.numel())}
     print(f"unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} on {windows.numel()} tokens", flush=True)
-    loaded: dict[str, object] = {}
     prepared = []
     for name, archive, over in editors:
-        hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), **over, batch_size=max(args.n)))
+        settings = {k: v for k, v in over.items() if k != "eta_factor"}
+        hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), **settings, batch_size=max(args.n)))
         path = str(find_archive(model, hp)) if archive == "shipped" else archive
         hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
-        if path not in loaded:
-            loaded[path] = load_networks(path, model, hp)
+        nets = load_networks(path, model, hp)
+        if "eta_factor" in over:  # every module's η of eq 1 times this factor (what calibrate searches)
+            with torch.no_grad():
+                for net in nets.nets.values():
+                    net.lr.mul_(float(over["eta_factor"]))
         results["editors"][name] = {"archive": path, "overrides": over}
-        prepared.append((name, hp))
+        prepared.append((name, hp, nets))
     for set_name in args.sets:
         all_recs, portability = read_set(set_name, max(args.n))
         cap = min(args.eval_cap, len(all_recs))
@@ -170,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             if n == ns[0]:
                 row_pre["generations"] = generate(model, tok, gen_prompts, args.gen_tokens)
             results["rows"].append(row_pre)
-            for name, hp in prepared:
-                editor = AGRADEEditor(model, tok, hp, loaded[hp.archive])
+            for name, hp, nets in prepared:
+                editor = AGRADEEditor(model, tok, hp, nets)
                 t0 = time.perf_counter()
                 try:
                     with torch.enable_grad():

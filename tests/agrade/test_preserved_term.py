@@ -163,3 +163,30 @@ def test_output_change_guard_refuses_before_touching_the_model(tok, settings):
     with pytest.raises(PreservedChangeError, match="max_preserved_change"):
         strict.edit_deltas(prompts, targets)
     assert all(torch.equal(before[k], v) for k, v in strict.model.state_dict().items())
+
+
+def test_init_from_an_archive_without_mu_then_train_mu(tok, settings, tmp_path):
+    """``init_archive``: a network trained without the term continues with it — same weights, μ at log_mu_init,
+    and a training step moves μ (its Adam group receives the analytic gradient)."""
+    from easyedit_agrade.models.agrade import AGRADETrainer
+    from easyedit_agrade.models.agrade.archive import save_archive
+
+    from agrade_helpers import perturb, training_config
+
+    recs = records(4)
+    model = tiny_llama(len(tok))
+    plain = AGRADETrainer(training_config(LLAMA_PARAMS), train_set=recs, val_set=recs, model=model, tok=tok,
+                          progress=False, out_dir=str(tmp_path / "a"))
+    perturb(plain.nets)
+    save_archive(tmp_path / "plain.safetensors", plain.nets, model, plain.config)
+    cfg = training_config(LLAMA_PARAMS, use_preserved_cov=True, log_mu_init=3.0, mu_lr=0.1,
+                          init_archive=str(tmp_path / "plain.safetensors"), **settings)
+    cont = AGRADETrainer(cfg, train_set=recs, val_set=recs, model=model, tok=tok, progress=False,
+                         out_dir=str(tmp_path / "b"))
+    for k, v in plain.nets.state_dict().items():
+        torch.testing.assert_close(cont.nets.state_dict()[k], v.to(torch.float64))
+    mu = cont.nets.log_mu_params
+    assert mu is not None and all(float(p.detach().sub(3.0).abs().max()) == 0 for p in mu.values())
+    assert [g["name"] for g in cont.opt.param_groups][-1] == "mu"
+    cont.train_step(recs)
+    assert all(float(p.detach().sub(3.0).abs().max()) > 0 for p in mu.values())

@@ -168,7 +168,7 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     #: a file, or a mixed pool: a list of ``path[@start:stop]`` entries (balanced to the smallest, interleaved),
     #: e.g. [counterfact/counterfact-train.json, zsre/zsre_mend_train_10000.json@0:9000]
     train_data: Union[str, List[str]] = "counterfact/counterfact-train.json"
-    val_data: str = "counterfact/counterfact-val.json"
+    val_data: Union[str, List[str]] = "counterfact/counterfact-val.json"
     data_format: Literal["auto", "zsre", "counterfact"] = "auto"
     #: validation records: ``val_start`` .. ``val_start + val_size`` of ``val_data`` (None: the last val_size)
     val_start: Optional[int] = None
