@@ -182,8 +182,8 @@ def parse_pool_entry(spec: str) -> tuple[str, int, int | None]:
 
 
 def read_pool(specs: Sequence[str], resolve=Path, *, fmt: Format = "auto", balance: bool = True) -> list[EditRecord]:
-    """A mixed pool from several files (``path[@start:stop]`` each, format detected per file; malformed records
-    skipped with a warning). ``balance``: every source is cut to the smallest one's size (the first records),
+    """A mixed pool from several files (``path[@start:stop]`` each; malformed records skipped with a warning).
+    ``fmt`` applies to a single source; with several, each file's format is detected on its own. ``balance``: every source is cut to the smallest one's size (the first records),
     so a uniformly random batch draws each source equally often. Sources are interleaved round-robin."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [str(specs)]
@@ -191,7 +191,8 @@ def read_pool(specs: Sequence[str], resolve=Path, *, fmt: Format = "auto", balan
     for spec in specs:
         path, start, stop = parse_pool_entry(str(spec))
         limit = None if stop is None else stop - start
-        sources.append(read_records(resolve(path), fmt, start=start, limit=limit, skip_invalid=True))
+        sources.append(read_records(resolve(path), fmt if len(specs) == 1 else "auto", start=start, limit=limit,
+                                    skip_invalid=True))
     if not sources or not all(sources):
         raise ValueError(f"training pool {list(specs)}: every source must hold at least one record")
     if len(sources) == 1:

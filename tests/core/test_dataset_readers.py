@@ -84,7 +84,7 @@ def test_mixed_pool_is_balanced_interleaved_and_sliced(tmp_path):
     zs = [{"src": f"zs {i}?", "alt": "y", "rephrase": "r", "loc": "nq question: l", "loc_ans": "g"} for i in range(6)]
     (tmp_path / "cf.json").write_text(json.dumps(cf))
     (tmp_path / "zs.json").write_text(json.dumps(zs))
-    pool = read_pool([str(tmp_path / "cf.json"), f"{tmp_path / 'zs.json'}@1:5"])
+    pool = read_pool([str(tmp_path / "cf.json"), f"{tmp_path / 'zs.json'}@1:5"], fmt="counterfact")  # per file
     assert [r.prompt for r in pool] == [x for i in range(4) for x in (f"cf {i} is", f"zs {i + 1}?")]
     assert len(read_pool([str(tmp_path / "cf.json"), str(tmp_path / "zs.json")], balance=False)) == 16
     assert parse_pool_entry("a/b.json@0:9000") == ("a/b.json", 0, 9000)
