@@ -136,3 +136,50 @@ def test_long_prompt_through_batch_edit_leaves_model_unedited(tmp_path, tok, eas
         with pytest.raises(ValueError, match=r"request 0 \('In a long and winding.*max_length=40"):
             editor.batch_edit(prompts=["The capital of France is", LONG_PROMPT], target_new=["Rome", "Oslo"])
     _assert_bit_identical(model, before)
+
+
+def test_batch_edit_all_chunks_returns_every_chunk(tmp_path, tok, easyeditor_module):
+    """EasyEdit's ``batch_edit`` with ``batch_size`` 1 returns one chunk's metrics (the last); our helper, used by
+    the demos, returns all of them in order and leaves the model as ``batch_edit`` leaves it (restored)."""
+    import importlib
+
+    from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
+    from easyedit_agrade.integration.easyedit import batch_edit_all_chunks, easyedit_generation
+    from easyedit_agrade.integration.preloaded import PreloadedModel
+
+    model = tiny_llama(len(tok))
+    hp = _archive(tmp_path, model, "AGRADE")
+    hp.model_name = PreloadedModel("tiny", model, tok)
+    facts = records(3)
+    kwargs = dict(prompts=[r.prompt for r in facts], target_new=[r.target_new for r in facts],
+                  rephrase_prompts=[r.rephrase_prompt for r in facts])
+    before = _snapshot(model)
+    editor_mod = importlib.import_module("easyeditor.editors.editor")
+    with cuda_on_cpu():
+        editor = editor_mod.BaseEditor.from_hparams(hp)
+        if easyedit_generation() == "pypi":
+            plain, _, _ = editor.batch_edit(**kwargs)
+            assert len(plain) == 1 and plain[0]["requested_rewrite"]["prompt"] == facts[2].prompt
+        metrics, _, _ = batch_edit_all_chunks(editor, **kwargs)
+    assert [m["case_id"] for m in metrics] == [0, 1, 2]
+    assert [m["requested_rewrite"]["prompt"] for m in metrics] == [r.prompt for r in facts]
+    assert [m["requested_rewrite"]["rephrase_prompt"] for m in metrics] == [r.rephrase_prompt for r in facts]
+    assert all("post" in m and "pre" in m for m in metrics)
+    assert hp.batch_size == 1
+    _assert_bit_identical(model, before)
+
+
+def test_make_editor_does_not_change_the_callers_hparams(tmp_path, tok, easyeditor_module):
+    """The bench and ``edit`` build their editor from a copy: EasyEdit writes into the hparams it gets."""
+    import dataclasses
+
+    from easyedit_agrade.bench.methods import make_editor
+
+    model = tiny_llama(len(tok))
+    hp = _archive(tmp_path, model, "AGRADE")
+    before, name = dataclasses.asdict(hp), hp.model_name
+    editor = make_editor(hp, model, tok, "tiny")
+    assert editor.hparams is not hp and editor.model is model
+    assert hp.model_name is name and dataclasses.asdict(hp) == before
+    editor.hparams.batch_size = 1  # what BaseEditor.edit does
+    assert hp.batch_size == before["batch_size"]
