@@ -62,7 +62,7 @@ def test_edit_knowedit_jsonl_with_ft(tmp_path, easyeditor_module, embedded_model
     from easyedit_agrade.bench.edit_cli import SAVED_MARKER
 
     assert (saved / SAVED_MARKER).is_file() and (saved / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited-model", "ft.yaml", "res.json", "reqs.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited-model", "ft.yaml", "reqs.jsonl", "res.json"]
     res = json.loads(out.read_text())
     assert res["method"] == "FT" and res["n_edits"] == 1 and res["mode"] == "batch"
     post = res["records"][0]["post"]
