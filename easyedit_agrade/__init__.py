@@ -36,6 +36,7 @@ _LAZY = {
     "load_model_and_tokenizer": "easyedit_agrade.lm",
     "ensure_embedded_model": "easyedit_agrade.lm",
     "EMBEDDED_MODEL": "easyedit_agrade.lm",
+    "batch_edit_all_chunks": "easyedit_agrade.integration.easyedit",
 }
 
 

@@ -44,7 +44,7 @@ def run_ft_demo(hparams_path: str) -> int:
     """Foundation demo: EasyEdit's FT baseline edits three facts of the embedded model on CPU."""
     from .integration.baselines import load_easyedit_hparams
     from .integration.cpu_compat import cuda_on_cpu
-    from .integration.easyedit import register
+    from .integration.easyedit import batch_edit_all_chunks, register
 
     register()
     easyeditor = importlib.import_module("easyeditor")
@@ -57,7 +57,8 @@ def run_ft_demo(hparams_path: str) -> int:
     with cuda_on_cpu():
         editor = easyeditor.BaseEditor.from_hparams(hp)
         start = time.perf_counter()
-        metrics, edited, weights_copy = editor.batch_edit(
+        metrics, edited, weights_copy = batch_edit_all_chunks(  # batch_edit alone: only the last chunk's metrics
+            editor,
             prompts=prompts,
             target_new=[f[1] for f in FACTS],
             ground_truth=[f[2] for f in FACTS],

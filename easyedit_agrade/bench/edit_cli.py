@@ -7,6 +7,13 @@ The requests file is JSON (a list, or one object) or JSONL, in one of EasyEdit's
 validated before anything runs: a malformed one stops the command with an error naming the record index and the
 field, and nothing is written. Results (EasyEdit's per-record ``pre``/``post`` structure plus ES/GS/LS/Editing
 Score and the pitfall metrics) are written atomically, and so is the edited model when ``--save-model`` is given.
+
+Nothing that the command did not create is ever deleted or overwritten. Before anything is edited: ``--out``
+must not be the requests file nor a directory, and an existing ``--out`` file needs ``--overwrite``;
+``--save-model`` must not be (or contain) the current directory, the home directory, the repository or ``/``,
+nor contain the requests or results file; an existing non-empty directory is replaced (with ``--overwrite``)
+only when it is a model this command saved (it holds :data:`SAVED_MARKER`). The model is written to a temporary
+sibling and renamed into place.
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ from typing import Any, Sequence
 from .methods import ALL_METHODS, METHODS, MethodSpec
 
 NEEDS_SUBJECT = {"ROME", "MEMIT"}
+
+#: written into every model directory ``--save-model`` creates; only such a directory is ever replaced
+SAVED_MARKER = "easyedit-agrade-saved-model.json"
 
 
 class UsageError(Exception):
@@ -44,11 +54,15 @@ def build_parser(prog: str = "easyedit-agrade edit") -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=("auto", "zsre", "counterfact", "knowedit"),
                    help="record format (default: detected per record)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model alias or local Hugging Face directory")
-    p.add_argument("--out", default=None, help="results JSON (default: <requests stem>.<method>.results.json)")
-    p.add_argument("--save-model", default=None, help="also save the edited model (Hugging Face directory)")
+    p.add_argument("--out", default=None, help="results JSON (default: <requests stem>.<method>.results.json); "
+                   "an existing file is refused unless --overwrite")
+    p.add_argument("--save-model", default=None, help="also save the edited model (Hugging Face directory; must "
+                   "not exist, or be empty, or be a model saved by this command and --overwrite given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or a --save-model directory saved by this command")
     p.add_argument("--mode", default="auto", choices=("auto", "batch", "sequential"),
                    help="batch: all requests in one call; sequential: one call per request (default: the method's)")
-    p.add_argument("--limit", type=int, default=None, help="edit only the first N records")
+    p.add_argument("--limit", type=int, default=None, help="edit only the first N records (N >= 1)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
@@ -61,6 +75,8 @@ def read_requests(path: str | os.PathLike[str], fmt: str = "auto", limit: int | 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"requests file {str(path)!r} not found")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
     try:
         raw = read_json_records(path)
         if not isinstance(raw, list) or not raw:
@@ -70,6 +86,9 @@ def read_requests(path: str | os.PathLike[str], fmt: str = "auto", limit: int | 
         records, cases = parse_records(raw, fmt, source=path.name)
     except RecordError as exc:
         raise UsageError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"requests file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start})") from None
     return records, cases
 
 
@@ -93,29 +112,104 @@ def _spec_from_args(args: argparse.Namespace) -> MethodSpec:
     path = Path(args.hparams)
     if not path.is_file():
         raise UsageError(f"hparams file {str(path)!r} not found")
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"hparams file {str(path)!r} is not UTF-8 text (offset {exc.start})") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UsageError(f"hparams file {str(path)!r} is not valid YAML{at}: {problem}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"hparams file {str(path)!r}: expected a mapping of keys, got {type(config).__name__}")
     alg = config.get("alg_name")
     if not isinstance(alg, str):
         raise UsageError(f"{path.name}: field 'alg_name' is missing")
     return MethodSpec(alg, alg, str(path.resolve()))
 
 
-def atomic_save_model(model: Any, tok: Any, target: Path) -> None:
-    """Save an HF model directory via a temporary sibling folder renamed into place."""
-    target = Path(target)
+def _protected_dirs() -> list[Path]:
+    from ..paths import REPO_ROOT
+
+    return [Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve(), Path(REPO_ROOT).resolve()]
+
+
+def check_save_model_target(target: str | os.PathLike[str], *, overwrite: bool,
+                            keep: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """The resolved ``--save-model`` directory, or :class:`UsageError` when writing there could delete something
+    the command did not create. ``keep``: files that must survive (the requests file, the results file)."""
+    raw = str(target)
+    path = Path(target).expanduser().resolve()
+    for protected in _protected_dirs():
+        if path == protected or path in protected.parents:
+            raise UsageError(f"--save-model {raw!r} is {protected} or contains it; refusing (even with --overwrite) "
+                             "to replace it: give a new directory")
+    for other in keep:
+        other_path = Path(other).expanduser().resolve()
+        if path == other_path or path in other_path.parents:
+            raise UsageError(f"--save-model {raw!r} would replace {str(other)!r}; give a new directory")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"--save-model {raw!r} exists and is not a directory; refusing to replace it")
+    if not any(path.iterdir()):
+        return path
+    if not (path / SAVED_MARKER).is_file():
+        raise UsageError(f"--save-model {raw!r} is a non-empty directory that this command did not save; refusing "
+                         "to replace it (even with --overwrite): give a new directory or remove it yourself")
+    if not overwrite:
+        raise UsageError(f"--save-model {raw!r} already holds a saved model; pass --overwrite to replace it")
+    return path
+
+
+def check_out_target(out: str | os.PathLike[str], requests: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """The resolved results path, or :class:`UsageError` (the requests file itself, a directory, or an existing
+    file without ``--overwrite``)."""
+    path = Path(out).expanduser().resolve()
+    src = Path(requests).expanduser().resolve()
+    if path == src or (path.exists() and src.exists() and os.path.samefile(path, src)):
+        raise UsageError(f"--out {str(out)!r} is the requests file; refusing to overwrite it (even with --overwrite)")
+    if path.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    return path
+
+
+def atomic_save_model(model: Any, tok: Any, target: Path, *, overwrite: bool = False,
+                      keep: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Save an HF model directory via a temporary sibling folder renamed into place.
+
+    The target is checked again with :func:`check_save_model_target` right before the rename; a replaced earlier
+    save is moved aside first and deleted only once the new one is in place (restored if the rename fails).
+    """
+    target = check_save_model_target(target, overwrite=overwrite, keep=keep)
     target.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):  # a peft wrapper (LoRA): fold the adapter into the weights
         model = model.merge_and_unload()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    old = None
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        (tmp / SAVED_MARKER).write_text(json.dumps({"saved_by": "easyedit-agrade edit",
+                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        check_save_model_target(target, overwrite=overwrite, keep=keep)  # it may have changed while saving
+        if target.exists():  # empty, or our own earlier save (checked above)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "model")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:  # put the earlier save back
+                os.replace(old / "model", target)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def edit_main(argv: Sequence[str] | None = None) -> int:
@@ -125,11 +219,14 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
         spec = _spec_from_args(args)
         records, cases = read_requests(args.requests, args.format, args.limit)
         _check_for_method(records, spec, Path(args.requests).name)
+        out = Path(args.out) if args.out else Path(args.requests).with_name(
+            f"{Path(args.requests).stem}.{spec.name}.results.json")
+        check_out_target(out, args.requests, overwrite=args.overwrite)
+        if args.save_model:
+            check_save_model_target(args.save_model, overwrite=args.overwrite, keep=(args.requests, out))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.requests).with_name(
-        f"{Path(args.requests).stem}.{spec.name}.results.json")
     from ..distributed.collective import init_from_env
 
     # under torchrun / accelerate launch every rank runs this with the same requests; AGRADE's executor caches
@@ -149,9 +246,14 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
 
     if not coll.is_main:
         return 0
-    if args.save_model:
-        atomic_save_model(edited, tok, Path(args.save_model))
-        result["saved_model"] = Path(args.save_model).name
+    try:  # checked again: the paths may have changed during the edit
+        check_out_target(out, args.requests, overwrite=args.overwrite)
+        if args.save_model:
+            atomic_save_model(edited, tok, Path(args.save_model), overwrite=args.overwrite, keep=(args.requests, out))
+            result["saved_model"] = Path(args.save_model).name
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     atomic_write_text(out, json.dumps(_sanitize(result), indent=1, ensure_ascii=False))
     summary = result.get("summary") or {}
     parts = [f"{k} {summary[k]:.3f}" for k in ("ES", "GS", "LS", "Score") if summary.get(k) is not None]
@@ -191,7 +293,7 @@ def _run(args: argparse.Namespace, spec: MethodSpec, records: Sequence[Any], cas
             _quiet_easyedit()
             editor = make_editor(hparams, model, tok, args.model)
             _quiet_easyedit()
-            with method_context(spec, editor.model, hparams, len(requests), notes), measure() as m:
+            with method_context(spec, editor.model, editor.hparams, len(requests), notes), measure() as m:
                 edited = apply_edits(editor, requests, mode)
     except Exception as exc:
         reason = diagnose(spec, hparams, exc)

@@ -199,7 +199,12 @@ def apply_edits(editor: Any, requests: Sequence[dict], mode: str,
 
 
 def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
-    """``BaseEditor`` on an already-loaded model (``hparams.model_name`` becomes a :class:`PreloadedModel`)."""
+    """``BaseEditor`` on an already-loaded model, built from a *copy* of ``hparams`` (whose ``model_name``
+    becomes a :class:`PreloadedModel`): EasyEdit writes into the hparams it is given (``BaseEditor.edit`` sets
+    ``batch_size = 1``, ``model_parallel`` rewrites ``device``), and the caller's object must not change.
+    Use ``editor.hparams`` afterwards."""
+    import copy
+
     from ..integration.cpu_compat import cuda_on_cpu
     from ..integration.easyedit import register
     from ..integration.preloaded import PreloadedModel
@@ -207,6 +212,7 @@ def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
     from .compat import ensure_model_parallel_field
 
     register()
+    hparams = copy.deepcopy(hparams)
     if ensure_model_parallel_field(hparams):
         hparams._easyedit_agrade_added_model_parallel = True
     editor_mod = importlib.import_module("easyeditor.editors.editor")

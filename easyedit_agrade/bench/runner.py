@@ -444,7 +444,7 @@ class Bench:
                     _quiet_easyedit()
                     editor = make_editor(hparams, model, tok, self.model_alias)
                     _quiet_easyedit()
-                    with method_context(spec, editor.model, hparams, n, notes), measure() as m:
+                    with method_context(spec, editor.model, editor.hparams, n, notes), measure() as m:
                         edited = apply_edits(editor, requests, mode)
             except Exception as exc:  # noqa: BLE001 - every failure is reported, never dropped
                 traceback.print_exc(file=logf)

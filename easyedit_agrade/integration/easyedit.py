@@ -121,3 +121,36 @@ def is_registered() -> bool:
     except ImportError:
         return False
     return all(k in alg_dict for k in METHODS)
+
+
+def batch_edit_all_chunks(editor: Any, prompts: list[str], target_new: list[str], **kwargs: Any):
+    """``editor.batch_edit(...)`` that returns the metrics of **every** chunk.
+
+    EasyEdit's ``BaseEditor.batch_edit`` edits in chunks of ``hparams.batch_size`` but resets its metrics list per
+    chunk, so it returns only the last chunk's. This calls it once per chunk (each call a single chunk, edited,
+    evaluated and restored exactly as ``batch_edit`` does it) and concatenates the metrics, with ``case_id``
+    counted over all requests. Per-request keyword arguments (lists as long as ``prompts``, also inside dicts
+    such as ``locality_inputs``) are sliced with them. Returns ``(metrics, model, weights_copy of the last chunk)``.
+    """
+    n = len(prompts)
+    if len(target_new) != n:
+        raise ValueError(f"{n} prompts but {len(target_new)} target_new")
+    size = max(1, int(getattr(editor.hparams, "batch_size", n) or n))
+
+    def cut(value: Any, sl: slice) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            return list(value[sl])
+        if isinstance(value, dict):
+            return {k: cut(v, sl) for k, v in value.items()}
+        return value
+
+    metrics: list[dict] = []
+    model, weights_copy = editor.model, {}
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        chunk_metrics, model, weights_copy = editor.batch_edit(
+            prompts=list(prompts[sl]), target_new=list(target_new[sl]), **{k: cut(v, sl) for k, v in kwargs.items()})
+        for i, m in enumerate(chunk_metrics):
+            m["case_id"] = start + i
+        metrics.extend(chunk_metrics)
+    return metrics, model, weights_copy

@@ -52,3 +52,23 @@ def test_cli_unknown_command_fails_clearly():
                          cwd=REPO_ROOT, timeout=120)
     assert res.returncode == 2
     assert "unknown command 'frobnicate'" in res.stderr
+
+
+def test_torch_floor_is_2_6_in_setup_cfg_and_readme():
+    """Before torch 2.6 ``torch.load`` defaults to ``weights_only=False``, and EasyEdit's MEND executor loads its
+    archive with a bare ``torch.load``: the supported floor is 2.6, stated alike in setup.cfg and the README."""
+    import configparser
+    import re
+
+    import torch
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO_ROOT / "setup.cfg", encoding="utf-8")
+    reqs = [r.strip() for r in cfg["options"]["install_requires"].splitlines() if r.strip()]
+    torch_reqs = [r for r in reqs if re.match(r"torch\b(?!vision)", r)]
+    assert torch_reqs == ["torch>=2.6"], torch_reqs
+    row = next(line for line in (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| torch / torchvision |"))
+    assert "torch ≥ 2.6" in row and "2.4" not in row, row
+    assert Version(torch.__version__.split("+")[0]) >= Version("2.6")

@@ -185,7 +185,10 @@ def _easyedit_metrics(editor, editor_mod, records, tqdm) -> tuple[dict[str, floa
     with tqdm(total=2 * len(records), desc="edit + EasyEdit evaluation (post, pre)", dynamic_ncols=True) as bar, \
             _counted(editor_mod, "compute_edit_quality", bar):
         t0 = time.time()
-        metrics, _, _ = editor.batch_edit(
+        from ...integration.easyedit import batch_edit_all_chunks
+
+        metrics, _, _ = batch_edit_all_chunks(  # batch_edit alone returns only the last chunk's metrics
+            editor,
             prompts=[r.prompt for r in records],
             target_new=[r.target_new for r in records],
             ground_truth=[r.ground_truth or "<|endoftext|>" for r in records],

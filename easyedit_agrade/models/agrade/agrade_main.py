@@ -5,6 +5,9 @@
   normaliser is frozen, nothing about it changes between calls.
 * Requests are edited in chunks of ``hparams.batch_size`` (one cache pass + one solve per chunk; later chunks are
   computed on the model already edited by earlier ones). ``BaseEditor.batch_edit`` chunks by the same field.
+* All or nothing: every request is checked first (fields, and ``prompt + target`` within ``hparams.max_length``
+  tokens — a longer one is an error naming its index, never cut), and any exception while the chunks are applied
+  restores the original weights exactly before it propagates.
 * Returns ``(model, weights_copy)``: ``weights_copy`` maps parameter names to exact clones of the original weights
   (EasyEdit restores with ``param[...] = v``; :func:`easyedit_agrade.core.weights.restore_weights` does the same
   and also removes fp32 hooks). ``apply_mode: auto`` writes ΔW into the weights for every dtype (16-bit weights:
@@ -20,7 +23,8 @@ from typing import Any
 import torch
 
 from ...core.archive_cache import ArchiveCache
-from ...core.weights import apply_deltas, executor_apply_mode
+from ...core.request_checks import check_lengths
+from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
@@ -57,14 +61,20 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     if nets is None:
         nets, _ = _networks_for(model, hparams)
     records = records_from_requests(requests)
+    check_lengths(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,
+                  method="AGRADE")
     editor = AGRADEEditor(model, tok, hparams, nets)
     weights_copy: dict[str, torch.Tensor] = {}
     masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights: each chunk's ΔW is rounded in once
     mode = executor_apply_mode(hparams.apply_mode)
-    for start in range(0, len(records), hparams.batch_size):
-        chunk = coll.shard(records[start:start + hparams.batch_size])
-        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
-        apply_deltas(model, result.deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+    try:
+        for start in range(0, len(records), hparams.batch_size):
+            chunk = coll.shard(records[start:start + hparams.batch_size])
+            result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
+            apply_deltas(model, result.deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+    except BaseException:
+        restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
+        raise
     return weights_copy
 
 

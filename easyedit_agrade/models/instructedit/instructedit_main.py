@@ -8,6 +8,9 @@
   The request dicts are **never changed**, so ``BaseEditor``'s pre and post metrics always see the same prompt.
   With ``use_instruction: false`` (multi-task MEND) nothing is wrapped.
 * Requests are edited in chunks of ``hparams.batch_size`` (one ΔW per chunk, applied before the next chunk).
+* All or nothing: every request is checked first (fields, task, and the edit prompt as the editor sees it plus
+  the target within ``hparams.max_length`` tokens — a longer one is an error naming its index, never cut), and any
+  exception while the chunks are applied restores the original weights exactly before it propagates.
 * Returns ``(model, weights_copy)`` with exact clones of the original weights (bit-exact restore with
   ``param[...] = v`` or :func:`easyedit_agrade.core.weights.restore_weights`). ``apply_mode: auto`` writes ΔW
   into the weights for every dtype (16-bit weights: fp32 master, cast once) since EasyEdit's ``param[...] = v``
@@ -21,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from ...core.archive_cache import ArchiveCache
-from ...core.weights import apply_deltas, executor_apply_mode
+from ...core.request_checks import check_lengths
+from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
 from .editor import InstructEditEditor
 from .instructedit_hparams import InstructEditHyperParams
@@ -73,13 +77,19 @@ def execute_instructedit(model, tok, requests, hparams: InstructEditHyperParams,
         nets, _ = networks_for(model, hparams)
     prompts = instructed_prompts(requests, hparams)
     targets = [r["target_new"] for r in requests]
+    check_lengths(tok, prompts, targets, hparams.max_length, method="InstructEdit")
     editor = InstructEditEditor(model, tok, hparams, nets)
     weights_copy: dict[str, torch.Tensor] = {}
     masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights (see core.weights.executor_apply_mode)
     mode = executor_apply_mode(hparams.apply_mode)
-    for start in range(0, len(prompts), hparams.batch_size):
-        deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size], targets[start:start + hparams.batch_size])
-        apply_deltas(model, deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+    try:
+        for start in range(0, len(prompts), hparams.batch_size):
+            deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size],
+                                        targets[start:start + hparams.batch_size])
+            apply_deltas(model, deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+    except BaseException:
+        restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
+        raise
     return weights_copy
 
 
