@@ -190,3 +190,25 @@ def test_init_from_an_archive_without_mu_then_train_mu(tok, settings, tmp_path):
     assert [g["name"] for g in cont.opt.param_groups][-1] == "mu"
     cont.train_step(recs)
     assert all(float(p.detach().sub(3.0).abs().max()) > 0 for p in mu.values())
+
+
+def test_preserved_change_budget_raises_mu_until_within_budget(tok, settings, tmp_path):
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    common = dict(settings, use_preserved_cov=True, log_mu_init=2.0)
+    free = tiny_editor(tok, **common).edit_deltas(prompts, targets)
+    assert set(free.mu_shift.values()) == {0.0}
+    budget = 0.01 * min(free.preserved_change.values())
+    tight = tiny_editor(tok, preserved_change_budget=budget, **common).edit_deltas(prompts, targets)
+    assert all(v > 0 for v in tight.mu_shift.values())
+    assert all(c <= budget for c in tight.preserved_change.values())
+    # each shift is the smallest whole step that meets the budget: one step less would not
+    ed = tiny_editor(tok, **dict(common, log_mu_init=2.0 + min(tight.mu_shift.values()) - 1))
+    assert any(c > budget for c in ed.edit_deltas(prompts, targets).preserved_change.values())
+    # the streamed path takes the same steps
+    spill = tiny_editor(tok, preserved_change_budget=budget, cache_spill=True, cache_spill_dir=str(tmp_path),
+                        **common)
+    streamed = spill.edit_deltas(prompts, targets)
+    assert streamed.mu_shift == tight.mu_shift
+    for n, d in tight.deltas.items():
+        torch.testing.assert_close(streamed.deltas[n], d, rtol=1e-6, atol=1e-9)

@@ -101,6 +101,9 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: refuse a batch whose ΔW would change an edited module's output on ordinary-text keys by more than this,
     #: E‖kΔW‖²/E‖kW‖² = tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W) (needs the key statistics; None: no check)
     max_preserved_change: Optional[float] = None
+    #: when editing with the e^μ C₀ term: raise log μ per module in steps of 1 until that predicted output change
+    #: is at most this (a batch-size-aware μ; None: the learned μ + log_mu_offset as they are)
+    preserved_change_budget: Optional[float] = None
     #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
     #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
     #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
@@ -127,6 +130,9 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("null_space_threshold must be in (0, 1) (a fraction of C0's largest eigenvalue)")
         if self.uses_preserved_keys() and not self.use_regularization:
             raise HyperParamsError("use_preserved_cov / null_space need use_regularization: true (eq 3's ridge)")
+        if self.preserved_change_budget is not None and not (self.use_preserved_cov
+                                                             and self.preserved_change_budget > 0):
+            raise HyperParamsError("preserved_change_budget must be > 0 and needs use_preserved_cov: true")
         if self.max_preserved_change is not None and not self.max_preserved_change > 0:
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:

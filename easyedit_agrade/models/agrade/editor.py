@@ -106,6 +106,12 @@ class EditResult:
     #: per module, the predicted relative output change on ordinary-text keys (see
     #: :meth:`AGRADEEditor.preserved_output_change`; empty without key statistics)
     preserved_change: dict[str, float] = field(default_factory=dict)
+    #: per module, what ``preserved_change_budget`` added to log μ (0: the learned μ + log_mu_offset)
+    mu_shift: dict[str, float] = field(default_factory=dict)
+
+
+#: at most this many +1 steps of log μ under ``preserved_change_budget`` (e^16 ≈ 9·10⁶ times the learned μ)
+MU_BUDGET_STEPS = 16
 
 
 class PreservedChangeError(RuntimeError):
@@ -242,16 +248,39 @@ class AGRADEEditor:
             log_mu = log_mu + offset
         return log_mu
 
-    def factorize(self, name: str, H: torch.Tensor, gram: torch.Tensor | None = None):
-        """Eq 3 for module ``name`` with its λ (and, when on, the preserved-knowledge term): from the rows ``H``,
-        or — streamed / data-parallel — from the summed ``gram`` with ``H`` the local rows."""
+    def factorize(self, name: str, H: torch.Tensor, gram: torch.Tensor | None = None, log_mu_shift: float = 0.0):
+        """Eq 3 for module ``name`` with its λ (and, when on, the preserved-knowledge term, log μ + ``log_mu_shift``):
+        from the rows ``H``, or — streamed / data-parallel — from the summed ``gram`` with ``H`` the local rows."""
         log_lambda = self.ridge_log_lambda(name)
         preserved = None if self.preserved is None else self.preserved[name]
         log_mu = self.ridge_log_mu(name)
+        if log_mu is not None and log_mu_shift:
+            log_mu = log_mu + log_mu_shift
         if gram is not None:
             return eq.eq3_factorize_gram(gram, log_lambda, H, preserved=preserved, log_mu=log_mu)
         return eq.eq3_factorize(H, log_lambda, method=self.hparams.solver, backend=self.hparams.kernels_backend,
                                 preserved=preserved, log_mu=log_mu)
+
+    def solve_module(self, name: str, H: torch.Tensor, *, G: torch.Tensor | None = None,
+                     gram: torch.Tensor | None = None, rhs: torch.Tensor | None = None):
+        """Eqs 3 and 5 for one module → (factorisation, ΔW, log μ shift used): ΔW = M⁻¹HᵀG from the rows (``H``,
+        ``G``) or from the summed ``gram`` and ``rhs`` = HᵀG. When editing with ``hparams.preserved_change_budget``,
+        log μ is raised in steps of 1 (at most ``MU_BUDGET_STEPS``) until the predicted output change on
+        ordinary-text keys, tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W), is within the budget: larger batches get a stronger
+        preserved-knowledge term, instead of a fixed one tuned for one batch size."""
+        budget = getattr(self.hparams, "preserved_change_budget", None)
+        adapt = (budget is not None and self.second_moments is not None and self.ridge_log_mu(name) is not None
+                 and not self.nets.net(name).training)
+        shift = 0.0
+        for _ in range(MU_BUDGET_STEPS + 1):
+            fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
+            delta = (fact.solve(rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
+            if not bool(torch.isfinite(delta).all()):
+                raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
+            if not adapt or preserved_output_change(self.model, self.second_moments, {name: delta})[name] <= budget:
+                break
+            shift += 1.0
+        return fact, delta, shift
 
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
         """Whether :meth:`compute` takes the streamed path (see the module docstring)."""
@@ -282,10 +311,7 @@ class AGRADEEditor:
             if prev is not None and prev.shape[1] != grad.shape[1]:
                 prev = None
             G = self.module_G(name, H, grad, prev).detach()
-            fact = self.factorize(name, H)
-            delta = eq.eq5_delta(fact, G)
-            if not bool(torch.isfinite(delta).all()):
-                raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
+            fact, delta, result.mu_shift[name] = self.solve_module(name, H, G=G)
             result.deltas[name] = delta
             if keep_modules:
                 result.modules.append(ModuleEdit(name, H, grad, G, prev, fact, delta))
@@ -352,10 +378,7 @@ class AGRADEEditor:
                     H_local = torch.zeros(0, Dh, dtype=self.dtype, device=dev)
                     grad_local = torch.zeros(0, Dg, dtype=self.dtype, device=dev)
             # H stays in the editor dtype (its chunks are cast to fp64 inside eq 6's product)
-            fact = self.factorize(name, H_local, gram=gram_acc)
-            delta = fact.solve(rhs).to(self.dtype)
-            if not bool(torch.isfinite(delta).all()):
-                raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
+            fact, delta, result.mu_shift[name] = self.solve_module(name, H_local, gram=gram_acc, rhs=rhs)
             result.deltas[name] = delta
             if keep_modules:
                 G_final = torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *final.pieces()])
