@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench_main",
         "benchmark AGRADE, MALMEN, InstructEdit and EasyEdit's baselines side by side (tables, JSON, plots)",
     ),
+    "stats": (
+        "easyedit_agrade.models.agrade.preserved_cli",
+        "stats_main",
+        "compute/cache the key statistics C₀ of AGRADE's preserved-knowledge term for an hparams YAML",
+    ),
     "demo": (
         "easyedit_agrade.demo",
         "demo_main",

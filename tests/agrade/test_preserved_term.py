@@ -212,3 +212,11 @@ def test_preserved_change_budget_raises_mu_until_within_budget(tok, settings, tm
     assert streamed.mu_shift == tight.mu_shift
     for n, d in tight.deltas.items():
         torch.testing.assert_close(streamed.deltas[n], d, rtol=1e-6, atol=1e-9)
+
+
+def test_stats_verb_names_a_missing_corpus(capsys):
+    from easyedit_agrade.cli import main
+    from easyedit_agrade.paths import REPO_ROOT
+
+    rc = main(["stats", str(REPO_ROOT / "hparams/AGRADE/smollm2-135m.yaml"), "--set", "preserved_corpus=nowhere/none.txt"])
+    assert rc == 2 and "preserved_corpus 'nowhere/none.txt' not found" in capsys.readouterr().err
