@@ -60,6 +60,9 @@ class InstructEditHyperParams(ValidatedHyperParamsMixin, _Base):
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        from ...integration.device import resolve_device
+
+        self.device = resolve_device(self.device)  # device: 0 without CUDA on upstream EasyEdit -> "cpu"
         if self.rank < 1 or self.n_blocks < 0:
             raise HyperParamsError("rank must be >= 1 and n_blocks >= 0")
         if not self.inner_params:
