@@ -3,10 +3,19 @@
 edit (post rewrite_acc 0.0). Runs on both EasyEdit generations (``make test-upstream`` too)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
-from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
+from easyedit_agrade.integration.cpu_compat import cuda_on_cpu as _cuda_on_cpu
 from easyedit_agrade.paths import REPO_ROOT
+
+
+def cuda_on_cpu():
+    """Upstream runs ``device: 0`` as ``cpu`` by itself (integration.device); the PyPI wheel needs the CPU layer."""
+    from easyedit_agrade.integration.easyedit import easyedit_generation
+
+    return contextlib.nullcontext() if easyedit_generation() == "upstream" else _cuda_on_cpu()
 
 ROME_REQUEST = dict(prompts=["The mother tongue of Danielle Darrieux is"], target_new=["English"],
                     ground_truth=["French"], subject=["Danielle Darrieux"])
