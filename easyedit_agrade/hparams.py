@@ -28,6 +28,27 @@ class HyperParamsError(ValueError):
     """A hyperparameter file or value is invalid; the message names the key and the file."""
 
 
+def check_ranges(hp) -> None:
+    """Range checks shared by the editing hparams (AGRADE, InstructEdit); :class:`HyperParamsError` names the key
+    (``from_dict``/``from_hparams`` add the file)."""
+    import math
+
+    def bad(key, want):
+        raise HyperParamsError(f"key {key!r}: must be {want}, got {getattr(hp, key)!r}")
+
+    for key in ("batch_size", "cache_batch_size"):
+        if getattr(hp, key) < 1:
+            bad(key, "an integer >= 1")
+    if hp.max_length < 2:
+        bad("max_length", "an integer >= 2 (at least one prompt token and one target token)")
+    offset = getattr(hp, "log_lambda_offset", 0.0)
+    if not (math.isfinite(float(offset)) and -20.0 <= float(offset) <= 20.0):
+        bad("log_lambda_offset", "a finite number in [-20, 20] (e^offset scales the ridge; e^20 ≈ 5e8)")
+    ratio = getattr(hp, "max_delta_ratio", None)
+    if ratio is not None and not (math.isfinite(float(ratio)) and float(ratio) > 0):
+        bad("max_delta_ratio", "a number > 0 (or null to turn the check off)")
+
+
 @dataclasses.dataclass
 class _StandaloneHyperParams:
     """Stand-in for ``easyeditor.util.hparams.HyperParams`` when EasyEdit is not installed."""
@@ -181,7 +202,10 @@ class ValidatedHyperParamsMixin:
         values = {
             name: _check_value(value, hints[name], f"{source}: key {name!r}") for name, value in config.items()
         }
-        return cls(**values)
+        try:
+            return cls(**values)
+        except HyperParamsError as exc:  # range checks of __post_init__: name the file too
+            raise HyperParamsError(f"{source}: {exc}") from exc
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | os.PathLike[str], overrides: dict | None = None):

@@ -258,6 +258,15 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = EMBEDDED_MODEL) -> "Pr
     return tok
 
 
+def dtype_kwarg() -> str:
+    """The ``from_pretrained`` keyword for the dtype: ``dtype`` from transformers 4.56 on (5.x deprecates
+    ``torch_dtype``), ``torch_dtype`` before (4.55 does not know ``dtype``)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike[str] = EMBEDDED_MODEL,
     *,
@@ -271,7 +280,7 @@ def load_model_and_tokenizer(
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kwarg(): dtype or torch.float32})
     model.to(device).eval()
     tok = load_tokenizer(path)
     if model.config.pad_token_id is None:

@@ -3,6 +3,7 @@
 #   make test-upstream EASYEDIT_SRC=/path/to/EasyEdit
 # Builds a separate venv ($UPSTREAM_VENV, default .venv-upstream) from the checkout's requirements.txt, with the
 # local matched torch/torchvision pair substituted for its torch pin, then puts the checkout on PYTHONPATH.
+# Runs tests/foundation, tests/integration (BaseEditor end to end, no cuda_on_cpu) and the archive/guard tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${EASYEDIT_SRC:?set EASYEDIT_SRC to an EasyEdit source checkout}"
@@ -28,4 +29,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
 fi
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
 "$VENV/bin/python" -c "import easyeditor, transformers; print('EasyEdit upstream from', easyeditor.__file__, '| transformers', transformers.__version__)"
-exec "$VENV/bin/python" -m pytest -q -ra tests/foundation ${UPSTREAM_TESTS:-}
+# tests/integration: the shipped YAMLs through upstream's BaseEditor with device resolution (no cuda_on_cpu),
+# locality/portability inputs, AGRADE + InstructEdit with the shipped archives, ROME's effect
+exec "$VENV/bin/python" -m pytest -q -ra tests/foundation tests/integration tests/agrade/test_archive_integrity.py \
+  tests/agrade/test_edit_guards.py ${UPSTREAM_TESTS:-}

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
+from ..integration.preloaded import RIGHT_PADDING_ALGS  # noqa: F401  (re-exported; one list for every caller)
 from ..paths import REPO_ROOT
 
 #: where the shipped hparams live (``hparams/<METHOD>/<model>.yaml``)
@@ -40,8 +41,6 @@ HPARAMS_CLASSES: dict[str, tuple[str, str]] = {
     "MEMIT": ("easyeditor", "MEMITHyperParams"),
 }
 
-#: methods whose EasyEdit code assumes a right-padding tokenizer (BaseEditor leaves them on the right)
-RIGHT_PADDING_ALGS = {"ROME", "MEMIT"}
 
 #: EasyEdit's single-edit methods (its ``SingletonEditor``)
 SEQUENTIAL_ALGS = {"ROME", "KN"}
@@ -219,7 +218,5 @@ def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
     hparams.model_name = PreloadedModel(model_alias, model, tok)
     with cuda_on_cpu():
         editor = editor_mod.BaseEditor.from_hparams(hparams)
-    # BaseEditor pads on the left for decoder-only models *except* ROME and MEMIT, whose subject-lookup indices and
-    # target positions assume right padding; PreloadedModel always hands over a left-padding tokenizer.
-    editor.tok.padding_side = "right" if hparams.alg_name in RIGHT_PADDING_ALGS else "left"
+    # the padding side for hparams.alg_name is set by BaseEditor itself (integration.preloaded.patch_base_editor)
     return editor

@@ -60,17 +60,23 @@ def encode_prompt_target(
     *,
     max_length: int | None = None,
     padding_side: str = "right",
+    record_ids: Sequence[int] | None = None,
 ) -> PromptTargetBatch:
     """Tokenise pairs; truncation (``max_length``) cuts the *prompt's start*, never the target.
 
-    Raises ``ValueError`` naming the record index when a pair is empty or the target would be cut.
+    Raises ``ValueError`` naming the record index when a pair is empty or the target would be cut: the caller's
+    index ``record_ids[i]`` when given (e.g. the original position of a length-sorted micro-batch's records),
+    else the position ``i`` in ``prompts``.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if record_ids is not None and len(record_ids) != len(prompts):
+        raise ValueError(f"{len(record_ids)} record_ids for {len(prompts)} prompts")
     rows: list[tuple[list[int], list[bool]]] = []
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+    for j, (prompt, target) in enumerate(zip(prompts, targets)):
+        i = int(record_ids[j]) if record_ids is not None else j
         if not isinstance(prompt, str) or not isinstance(target, str):
             raise ValueError(f"record {i}: prompt and target must be strings, got {type(prompt)} / {type(target)}")
         if not target.strip():
@@ -124,3 +130,13 @@ def text_windows(tok, path, *, n_windows: int, window: int) -> torch.Tensor:
     if len(ids) < need:
         raise ValueError(f"{path}: only {len(ids)} tokens, {need} needed for {n_windows} windows of {window}")
     return torch.tensor(ids[:need], dtype=torch.long).view(n_windows, window)
+
+
+def check_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str], *, max_length: int | None) -> None:
+    """Tokenise every pair on its own, as :func:`encode_prompt_target` would, so that a bad pair raises its
+    ``ValueError`` with the caller's index (``record i`` = position in ``prompts``) — before any micro-batching or
+    length sorting, and before a weight is touched."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        encode_prompt_target(tok, [prompt], [target], max_length=max_length, record_ids=[i])

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..hparams import HyperParamsError
+from .device import resolve_device
 from .preloaded import PreloadedModel
 
 LOG = logging.getLogger(__name__)
@@ -74,4 +75,6 @@ def load_easyedit_hparams(path: str | os.PathLike[str], *, model: Any = None, to
             except ValueError:
                 pass
     config["model_name"] = PreloadedModel(str(config.get("model_name")), model, tok)
+    if "device" in config:  # device: 0 without CUDA on upstream EasyEdit -> "cpu" (integration.device)
+        config["device"] = resolve_device(config["device"])
     return cls(**config)

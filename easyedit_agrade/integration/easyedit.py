@@ -16,6 +16,8 @@ import importlib
 import threading
 from typing import Any, Callable
 
+from .preloaded import patch_base_editor
+
 #: EasyEdit ``alg_name`` -> (module, executor function, trainer class) — imported only when called
 METHODS: dict[str, tuple[str, str, str]] = {
     "AGRADE": ("easyedit_agrade.models.agrade", "apply_agrade_to_model", "AGRADETrainer"),
@@ -111,6 +113,7 @@ def register(force: bool = False) -> bool:
             getattr(editor_mod, "ALG_DICT", alg_dict)[name] = entry
             train_dict_mod.ALG_TRAIN_DICT[name.upper()] = _LazyTrainer(name)
         _patch_batchable(batch_mod.BatchEditor)
+        patch_base_editor(editor_mod.BaseEditor)  # padding side per alg_name for PreloadedModel names (ROME: right)
         _registered_with = alg_dict
         return True
 

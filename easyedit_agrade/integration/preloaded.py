@@ -7,11 +7,27 @@ and has no branch for a generic Hugging Face causal LM such as SmolLM2; its alte
 :class:`PreloadedModel` satisfies both: it is a ``str`` (the model's name, so ``.lower()`` works), but not
 *exactly* ``str`` — so ``BaseEditor`` takes its ``self.model, self.tok = self.model_name`` branch — and iterating
 it yields the model and tokenizer, loaded on first use.
+
+Padding. ``BaseEditor`` sets the tokenizer's padding side only in its name-based branch, which a
+:class:`PreloadedModel` skips: left for decoder-only models, except for the locate-then-edit methods of
+:data:`RIGHT_PADDING_ALGS` (upstream's list in ``editors/editor.py``), whose subject-token lookups assume right
+padding (ROME with left padding computes its key at the wrong position and silently does not edit).
+:func:`patch_base_editor` (applied by :func:`easyedit_agrade.register`) makes every ``BaseEditor`` built on a
+:class:`PreloadedModel` set the side for its ``alg_name``, whichever way the hparams were made.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterator
+
+#: methods EasyEdit pads on the right: upstream's ``editors/editor.py`` list (the PyPI wheel has ROME and MEMIT)
+RIGHT_PADDING_ALGS = frozenset({"ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE"})
+
+
+def padding_side_for(alg_name: Any) -> str:
+    """``"right"`` for :data:`RIGHT_PADDING_ALGS`, else ``"left"`` (EasyEdit's metrics for decoder-only models)."""
+    return "right" if str(alg_name) in RIGHT_PADDING_ALGS else "left"
 
 
 class PreloadedModel(str):
@@ -56,3 +72,21 @@ def as_easyedit_model_name(name_or_path: str | os.PathLike[str], model: Any = No
     if isinstance(name_or_path, PreloadedModel) and model is None:
         return name_or_path
     return PreloadedModel(name_or_path, model, tok)
+
+
+def patch_base_editor(base_editor_cls: Any) -> None:
+    """Wrap ``BaseEditor.__init__`` (once) so that an editor whose ``hparams.model_name`` is a
+    :class:`PreloadedModel` pads as EasyEdit's name-based branch would for ``hparams.alg_name``."""
+    current = base_editor_cls.__init__
+    if getattr(current, "_easyedit_agrade", False):
+        return
+
+    @functools.wraps(current)
+    def __init__(self, hparams, *args, **kwargs):
+        current(self, hparams, *args, **kwargs)
+        tok = getattr(self, "tok", None)
+        if isinstance(getattr(hparams, "model_name", None), PreloadedModel) and tok is not None:
+            tok.padding_side = padding_side_for(getattr(hparams, "alg_name", None))
+
+    __init__._easyedit_agrade = True  # type: ignore[attr-defined]
+    base_editor_cls.__init__ = __init__

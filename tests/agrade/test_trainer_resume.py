@@ -41,3 +41,22 @@ def test_data_order_is_a_function_of_seed_and_step(tmp_path, tok):
                        out_dir=tmp_path)
     assert [t1.batch_indices(s) for s in range(5)] == [t1.batch_indices(s) for s in range(5)]
     assert sorted(i for s in range(3) for i in t1.batch_indices(s)) == list(range(6))  # one epoch = a permutation
+
+
+def test_resume_falls_back_from_a_truncated_latest_checkpoint_and_says_which(tmp_path, tok):
+    import pytest
+
+    _run(tmp_path, tok, 2)  # checkpoints step-1 and step-2
+    damaged = tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-16])
+    with pytest.warns(RuntimeWarning, match=r"step-00000002 is damaged.*newest intact checkpoint step-00000001"):
+        resumed = _run(tmp_path, tok, 3, resume=True)
+    assert resumed.step == 3
+
+
+def test_resume_on_a_folder_without_checkpoints_says_so(tmp_path, tok):
+    import pytest
+
+    with pytest.warns(RuntimeWarning, match="nothing to resume"):
+        tr = _run(tmp_path / "fresh", tok, 1, resume=True)
+    assert tr.step == 1

@@ -78,3 +78,28 @@ def test_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
     assert lm.ensure_embedded_model(tmp_path) == target
     assert (target / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in models.iterdir()] == [target.name]
+
+
+def test_dtype_is_honoured_without_the_torch_dtype_deprecation(embedded_model_dir):
+    """transformers 5.x deprecates ``from_pretrained(torch_dtype=...)``; 4.55 knows only that keyword. A fresh
+    interpreter (the warning is logged once per process) loads the embedded model in bf16 and records what
+    transformers logs."""
+    import subprocess
+    import sys
+
+    code = f"""
+import logging, torch, transformers
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+transformers.utils.logging.get_logger("transformers").addHandler(Keep())
+from easyedit_agrade.lm import load_model_and_tokenizer
+model, _ = load_model_and_tokenizer({str(embedded_model_dir)!r}, dtype="bfloat16")
+assert {{p.dtype for p in model.parameters()}} == {{torch.bfloat16}}, {{p.dtype for p in model.parameters()}}
+bad = [m for m in records if "torch_dtype" in m]
+assert not bad, bad
+print("ok", transformers.__version__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

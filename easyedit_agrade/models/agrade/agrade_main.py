@@ -14,6 +14,10 @@
   ``round(w₃₂ + ΣΔW)`` from an fp32 master kept across the chunks of one call, cast once), because EasyEdit's
   ``param[...] = v`` cannot remove a hook; both restores are then exact copies (see
   :func:`easyedit_agrade.core.weights.executor_apply_mode`).
+* ``weights_copy`` is an :class:`~easyedit_agrade.core.edit_report.EditedWeights` dict whose ``.report`` says what
+  the call did: ‖ΔW‖/‖W‖ per module and the target rows the outlier guards suppressed (a warning when that is
+  all of them: ΔW = 0). A chunk whose ΔW exceeds ``hparams.max_delta_ratio`` is refused before it is applied
+  and the weights of earlier chunks are restored (:func:`~easyedit_agrade.core.edit_report.refuse_large_deltas`).
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ from typing import Any
 import torch
 
 from ...core.archive_cache import ArchiveCache
+from ...core.edit_report import EditedWeights, EditReport, refuse_large_deltas, remember
 from ...core.request_checks import check_lengths
+from ...core.tokenize import check_prompt_targets
 from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
-from .editor import AGRADEEditor
+from .guards import CountingAGRADEEditor, note_suppressed
 
 __all__ = ["apply_agrade_to_model", "execute_agrade", "ArchiveNotFoundError", "ArchiveMismatchError",
            "clear_archive_cache"]
@@ -63,18 +69,24 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     records = records_from_requests(requests)
     check_lengths(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,
                   method="AGRADE")
-    editor = AGRADEEditor(model, tok, hparams, nets)
-    weights_copy: dict[str, torch.Tensor] = {}
+    check_prompt_targets(tok, [r.prompt for r in records], [r.target_new for r in records],
+                         max_length=hparams.max_length)  # other tokenisation errors: the caller's index too
+    editor = CountingAGRADEEditor(model, tok, hparams, nets)
+    weights_copy = EditedWeights(report=EditReport("AGRADE", n_requests=len(records)))  # + what the call did
     masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights: each chunk's ΔW is rounded in once
     mode = executor_apply_mode(hparams.apply_mode)
     try:
         for start in range(0, len(records), hparams.batch_size):
             chunk = coll.shard(records[start:start + hparams.batch_size])
             result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
+            note_suppressed(editor, weights_copy.report)  # warns when the outlier guards left nothing to edit
+            refuse_large_deltas(model, result.deltas, hparams.max_delta_ratio, weights_copy.report, weights_copy)
             apply_deltas(model, result.deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+            weights_copy.report.chunks += 1
     except BaseException:
         restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
         raise
+    remember(model, weights_copy.report)
     return weights_copy
 
 
@@ -93,4 +105,4 @@ def apply_agrade_to_model(model, tok, requests, hparams, copy=False, return_orig
     if copy:
         model = _copy.deepcopy(model)
     weights_copy = execute_agrade(model, tok, requests, hparams)
-    return model, (weights_copy if return_orig_weights else {})
+    return model, (weights_copy if return_orig_weights else EditedWeights(report=weights_copy.report))

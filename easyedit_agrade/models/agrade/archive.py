@@ -74,16 +74,35 @@ class ArchiveMismatchError(ValueError):
 
 
 def model_fingerprint(model: nn.Module, inner_params: list[str]) -> dict[str, str]:
-    """``{"architecture": …, "weights": …}``: the architecture fingerprint of :func:`easyedit_agrade.lm.model_fingerprint`
-    and a SHA-256 (first 16 hex digits) of the edited weights' bytes (fp32)."""
+    """``{"architecture": …, "weights": …, "dtype": …}``: the architecture fingerprint of
+    :func:`easyedit_agrade.lm.model_fingerprint`, a SHA-256 (first 16 hex digits) of the edited weights' bytes
+    (cast to fp32) and the edited weights' dtype (``"float32"``, ``"bfloat16"``, …)."""
     from ...lm import model_fingerprint as arch_fp
 
     h = hashlib.sha256()
+    dtype = None
     for p in inner_params:
-        w = get_module(model, module_name_of_param(p)).weight.detach().to("cpu", torch.float32).contiguous()
+        weight = get_module(model, module_name_of_param(p)).weight
+        dtype = dtype or str(weight.dtype).replace("torch.", "")
+        w = weight.detach().to("cpu", torch.float32).contiguous()
         h.update(p.encode())
         h.update(w.numpy().tobytes())
-    return {"architecture": arch_fp(model), "weights": h.hexdigest()[:16]}
+    return {"architecture": arch_fp(model), "weights": h.hexdigest()[:16], "dtype": dtype or "float32"}
+
+
+def weights_problem(want: dict, fp: dict, trained_for: Any) -> str | None:
+    """Why the edited weights' fingerprint ``fp`` does not match the archive's ``want`` (None when it does).
+    Archives written before the dtype was recorded were fingerprinted on float32 weights (the trainers' dtype)."""
+    if want.get("weights") == fp["weights"]:
+        return None
+    theirs = want.get("dtype", "float32")
+    if fp.get("dtype") != theirs:
+        return (f"dtype differs: the model's edited weights are {fp.get('dtype')}, the archive was fingerprinted on "
+                f"{theirs} weights of {trained_for!r} (its weights' fingerprint {want.get('weights')} is that of the "
+                f"{theirs} model; load the model in {theirs} to use this archive, or train one on the {fp.get('dtype')} "
+                f"model)")
+    return (f"edited weights' fingerprint {fp['weights']} != archive's {want.get('weights')} (same architecture, "
+            f"different weights than {trained_for!r})")
 
 
 def archive_hparams(hparams: AGRADEHyperParams) -> dict[str, Any]:
@@ -127,9 +146,8 @@ def _check(meta: dict, model: nn.Module, hparams: AGRADEHyperParams, path: Path)
     if want.get("architecture") != fp["architecture"]:
         problems.append(f"model architecture fingerprint {fp['architecture']} != archive's {want.get('architecture')} "
                         f"(trained for {meta.get('model_name')!r})")
-    elif want.get("weights") != fp["weights"]:
-        problems.append(f"edited weights' fingerprint {fp['weights']} != archive's {want.get('weights')} (same "
-                        f"architecture, different weights than {meta.get('model_name')!r})")
+    elif weights_problem(want, fp, meta.get("model_name")):
+        problems.append(weights_problem(want, fp, meta.get("model_name")))
     mine = archive_hparams(hparams)
     theirs = meta.get("hparams", {})
     for key, value in mine.items():

@@ -17,7 +17,7 @@ from torch import nn
 from ...core.checkpoint import load_tensors, read_metadata, save_tensors
 from ...core.hypernet import EditorNetworks
 from ...paths import REPO_ROOT
-from ..agrade.archive import model_fingerprint  # generic: architecture + SHA-256 of the edited weights
+from ..agrade.archive import model_fingerprint, weights_problem  # generic: architecture + SHA-256 of the weights
 from .editor import build_networks
 from .instructedit_hparams import InstructEditHyperParams
 
@@ -58,8 +58,8 @@ def _check(meta: dict, model: nn.Module, hparams: InstructEditHyperParams, path:
     if want.get("architecture") != fp["architecture"]:
         problems.append(f"model architecture {fp['architecture']} != archive's {want.get('architecture')} "
                         f"(trained for {meta.get('model_name')!r})")
-    elif want.get("weights") != fp["weights"]:
-        problems.append(f"edited weights' fingerprint {fp['weights']} != archive's {want.get('weights')}")
+    elif weights_problem(want, fp, meta.get("model_name")):
+        problems.append(weights_problem(want, fp, meta.get("model_name")))
     theirs = meta.get("hparams", {})
     for key, value in archive_hparams(hparams).items():
         if theirs.get(key) != value:

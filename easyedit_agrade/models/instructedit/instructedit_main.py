@@ -14,7 +14,9 @@
 * Returns ``(model, weights_copy)`` with exact clones of the original weights (bit-exact restore with
   ``param[...] = v`` or :func:`easyedit_agrade.core.weights.restore_weights`). ``apply_mode: auto`` writes ΔW
   into the weights for every dtype (16-bit weights: fp32 master, cast once) since EasyEdit's ``param[...] = v``
-  cannot remove a forward hook (:func:`easyedit_agrade.core.weights.executor_apply_mode`).
+  cannot remove a forward hook (:func:`easyedit_agrade.core.weights.executor_apply_mode`). Its ``.report``
+  (:class:`~easyedit_agrade.core.edit_report.EditReport`) holds ‖ΔW‖/‖W‖ per module; a chunk beyond
+  ``hparams.max_delta_ratio`` is refused with the weights of earlier chunks restored.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from typing import Any, Sequence
 import torch
 
 from ...core.archive_cache import ArchiveCache
+from ...core.edit_report import EditedWeights, EditReport, refuse_large_deltas, remember
 from ...core.request_checks import check_lengths
+from ...core.tokenize import check_prompt_targets
 from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
 from .editor import InstructEditEditor
@@ -78,18 +82,22 @@ def execute_instructedit(model, tok, requests, hparams: InstructEditHyperParams,
     prompts = instructed_prompts(requests, hparams)
     targets = [r["target_new"] for r in requests]
     check_lengths(tok, prompts, targets, hparams.max_length, method="InstructEdit")
+    check_prompt_targets(tok, prompts, targets, max_length=hparams.max_length)  # the caller's index in errors
     editor = InstructEditEditor(model, tok, hparams, nets)
-    weights_copy: dict[str, torch.Tensor] = {}
+    weights_copy = EditedWeights(report=EditReport("InstructEdit", n_requests=len(prompts)))  # + ‖ΔW‖/‖W‖
     masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights (see core.weights.executor_apply_mode)
     mode = executor_apply_mode(hparams.apply_mode)
     try:
         for start in range(0, len(prompts), hparams.batch_size):
             deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size],
                                         targets[start:start + hparams.batch_size])
+            refuse_large_deltas(model, deltas, hparams.max_delta_ratio, weights_copy.report, weights_copy)
             apply_deltas(model, deltas, mode=mode, weights_copy=weights_copy, masters=masters)
+            weights_copy.report.chunks += 1
     except BaseException:
         restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
         raise
+    remember(model, weights_copy.report)
     return weights_copy
 
 
@@ -107,4 +115,4 @@ def apply_instructedit_to_model(model, tok, requests, hparams, copy=False, retur
     if copy:
         model = _copy.deepcopy(model)
     weights_copy = execute_instructedit(model, tok, requests, hparams)
-    return model, (weights_copy if return_orig_weights else {})
+    return model, (weights_copy if return_orig_weights else EditedWeights(report=weights_copy.report))
