@@ -77,7 +77,7 @@ def encode_micro_batches(tok, prompts: Sequence[str], targets: Sequence[str], *,
     for start in range(0, n, micro_batch):
         idx = order[start:start + micro_batch]
         b = encode_prompt_target(tok, [prompts[i] for i in idx], [targets[i] for i in idx],
-                                 max_length=max_length, padding_side="right")
+                                 max_length=max_length, padding_side="right", record_ids=idx)
         out.append(MicroBatch(b.input_ids.to(device), b.attention_mask.to(device), b.predict_mask.to(device),
                               b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long)))
     return out
