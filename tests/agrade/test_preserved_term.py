@@ -220,3 +220,19 @@ def test_stats_verb_names_a_missing_corpus(capsys):
 
     rc = main(["stats", str(REPO_ROOT / "hparams/AGRADE/smollm2-135m.yaml"), "--set", "preserved_corpus=nowhere/none.txt"])
     assert rc == 2 and "preserved_corpus 'nowhere/none.txt' not found" in capsys.readouterr().err
+
+
+def test_archive_null_prefers_the_archive_trained_like_the_hparams(tok, settings, tmp_path):
+    from easyedit_agrade.models.agrade.archive import build_networks, find_archive, has_preserved_term, save_archive
+
+    from agrade_helpers import training_config
+
+    model = tiny_llama(len(tok))
+    plain_cfg = training_config(LLAMA_PARAMS)
+    term_cfg = training_config(LLAMA_PARAMS, use_preserved_cov=True, **settings)
+    folder = tmp_path / "archives"
+    save_archive(folder / "a-with-term.safetensors", build_networks(model, term_cfg), model, term_cfg)
+    save_archive(folder / "b-plain.safetensors", build_networks(model, plain_cfg), model, plain_cfg)
+    assert has_preserved_term(folder / "a-with-term.safetensors") and not has_preserved_term(folder / "b-plain.safetensors")
+    assert find_archive(model, term_cfg, folder).name == "a-with-term.safetensors"
+    assert find_archive(model, plain_cfg, folder).name == "b-plain.safetensors"

@@ -173,6 +173,7 @@ def find_archive(model: nn.Module, hparams: AGRADEHyperParams, folder: Path | No
     folder = folder or ARCHIVES_DIR
     candidates = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     reasons = []
+    matches: list[Path] = []
     for path in candidates:
         try:
             meta = read_metadata(path)
@@ -183,12 +184,26 @@ def find_archive(model: nn.Module, hparams: AGRADEHyperParams, folder: Path | No
             continue
         problems = _check(meta, model, hparams, path)
         if not problems:
-            return path
-        reasons.append(f"{path.name}: " + "; ".join(problems))
+            matches.append(path)
+        else:
+            reasons.append(f"{path.name}: " + "; ".join(problems))
+    if matches:
+        # an archive trained with the preserved-knowledge term (it holds log μ) is preferred when the term is on,
+        # one trained without it when it is off; otherwise the first match by name
+        want = bool(getattr(hparams, "use_preserved_cov", False))
+        return next((p for p in matches if has_preserved_term(p) == want), matches[0])
     detail = (" Candidates checked: " + " | ".join(reasons) + ".") if reasons else " No AGRADE archive was found."
     raise ArchiveNotFoundError(f"no trained AGRADE archive in {folder} matches this model and hparams "
                                f"(model {str(hparams.model_name)!r}, inner_params {list(hparams.inner_params)}).{detail} "
                                f"Set `archive:` in the hparams YAML, or {retrain_hint(hparams)}")
+
+
+def has_preserved_term(path: str | os.PathLike[str]) -> bool:
+    """Whether an archive was trained with the preserved-knowledge term (its state dict holds log μ)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("log_mu_params.") for k in f.keys())
 
 
 def load_networks(path: str | os.PathLike[str], model: nn.Module, hparams: AGRADEHyperParams,
