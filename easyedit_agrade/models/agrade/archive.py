@@ -36,7 +36,8 @@ def _training_config_for(model_name: str) -> Path | None:
     """The shipped training YAML for ``model_name`` (its ``model_name:`` field), if there is one."""
     import yaml
 
-    for path in sorted(TRAINING_HPARAMS_DIR.glob("*.yaml")):
+    # the base recipe first (smollm2-135m.yaml before variants such as smollm2-135m-preserved.yaml)
+    for path in sorted(TRAINING_HPARAMS_DIR.glob("*.yaml"), key=lambda p: (len(p.name), p.name)):
         try:
             with open(path, encoding="utf-8") as f:
                 cfg = yaml.safe_load(f) or {}
