@@ -161,6 +161,9 @@ def test_bf16_copy_of_the_model_is_reported_as_dtype_differs(tmp_path, tok, kind
 #: tensor digests of the shipped archives as they were before the digest was stored (computed from the files of
 #: commit 4020a75): re-saving with the digest changed only metadata
 SHIPPED_DIGESTS = {
+    # saved with its digest (session 5: the preserved-knowledge term, archives/README.md)
+    "agrade-preserved-smollm2-135m-instruct.safetensors":
+        "fb9403546c10463ddba60a81e7c3d0f9a3caa06a03ff89355b5930882ec1d700",
     "agrade-smollm2-135m-instruct.safetensors": "67633bd1659962c8e98aabce5b698d0cf2490d79c30f2f55cc4d64655ac0cc40",
     "instructedit-smollm2-135m.safetensors": "528ccd45e606c70d61cd89adabdeed4118be2887ba575f0a0f7987027a8c4bad",
     "malmen-smollm2-135m-instruct.safetensors": "681832bccb88cb89dbf6690a054ea5e527741c170c4ef134f7ad2aad45e29a91",
