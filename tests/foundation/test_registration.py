@@ -72,11 +72,13 @@ editor_mod = importlib.import_module("easyeditor.editors.editor")
 out = {"dicts": all(k in alg and k in editor_mod.ALG_DICT for k in ("AGRADE", "InstructEdit"))
                 and {"AGRADE", "INSTRUCTEDIT"} <= set(train)
                 and batch.is_batchable_method("AGRADE") and batch.is_batchable_method("InstructEdit")}
-model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+from easyedit_agrade.lm import load_tokenizer
+tok = load_tokenizer()  # a real tokenizer: upstream's batch_edit tokenises targets before it calls the executor
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                      num_attention_heads=2, num_key_value_heads=2)).eval()
 params = ["model.layers.1.mlp.down_proj.weight"]
 for cls in (AGRADEHyperParams, InstructEditHyperParams):
-    hp = cls.from_dict(dict(alg_name=cls.ALG_NAME, model_name=PreloadedModel("tiny", model, types.SimpleNamespace()),
+    hp = cls.from_dict(dict(alg_name=cls.ALG_NAME, model_name=PreloadedModel("tiny", model, tok),
                             inner_params=params, archive="/nonexistent/archive.safetensors",
                             **({"task": "zsre"} if cls is InstructEditHyperParams else {})))
     try:
