@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for set_name in args.sets:
         all_recs, portability = read_set(set_name, max(args.n))
         cap = min(args.eval_cap, len(all_recs))
-        ns = sorted({min(n, len(all_recs)) for n in args.n})
+        ns = list(dict.fromkeys(min(n, len(all_recs)) for n in args.n))  # in the order given
         results["sets"][set_name] = {"available": len(all_recs), "eval_cap": cap}
         probes_cache: dict[int, tuple] = {}
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             row_pre = {"set": set_name, "n": n, "editor": "unedited", "es": pre["es"], "gs": pre["gs"], "ls": 1.0,
                        "score": harmonic_mean(pre["es"], pre["gs"], 1.0), "portability": pre["portability"],
                        "ppl": results["ppl_unedited"]}
-            if n == ns[0]:
+            if n == min(ns):
                 row_pre["generations"] = generate(model, tok, gen_prompts, args.gen_tokens)
             results["rows"].append(row_pre)
             for name, hp, nets in prepared:
