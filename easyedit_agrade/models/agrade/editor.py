@@ -272,12 +272,15 @@ class AGRADEEditor:
         adapt = (budget is not None and self.second_moments is not None and self.ridge_log_mu(name) is not None
                  and not self.nets.net(name).training)
         shift = 0.0
+        if adapt:  # tr(WᵀC₀W), the denominator of every step's ratio: once per module
+            C0 = self.second_moments[name]
+            reference = output_energy(C0, editor_layout_weight(self.model, name))
         for _ in range(MU_BUDGET_STEPS + 1):
             fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
             delta = (fact.solve(rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
-            if not adapt or preserved_output_change(self.model, self.second_moments, {name: delta})[name] <= budget:
+            if not adapt or output_energy(C0, delta) / reference <= budget:
                 break
             shift += 1.0
         return fact, delta, shift
@@ -437,24 +440,30 @@ class AGRADEEditor:
                 "or raise max_preserved_change if you accept the damage")
 
 
+def editor_layout_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """Module ``name``'s weight in the editor layout (``output = input @ W``), detached."""
+    from ...core.weights import get_module, weight_grad_to_editor_layout
+
+    module = get_module(model, name)
+    return weight_grad_to_editor_layout(module, module.weight.detach())
+
+
+@torch.no_grad()
+def output_energy(C0: torch.Tensor, X: torch.Tensor) -> float:
+    """E‖kX‖² = tr(XᵀC₀X) (fp64) for keys k with second moment C₀ = E[kkᵀ], clamped away from 0."""
+    X = X.to(torch.float64)
+    return max(float((X * (C0.to(torch.float64) @ X)).sum()), 1e-300)
+
+
 @torch.no_grad()
 def preserved_output_change(model: nn.Module, second_moments: dict[str, torch.Tensor],
                             deltas: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per module, E‖kΔW‖² / E‖kW‖² = tr(ΔWᵀC₀ΔW) / tr(WᵀC₀W) over ordinary-text keys k (C₀ = E[kkᵀ]): how much
     an edit changes the module's output on text like the statistics corpus, relative to the output itself
     (0.01 = a 10 % RMS change). Modules without statistics are left out."""
-    from ...core.weights import get_module, weight_grad_to_editor_layout
-
-    out = {}
-    for name, delta in deltas.items():
-        if name not in second_moments:
-            continue
-        module = get_module(model, name)
-        C0 = second_moments[name].to(torch.float64)
-        W = weight_grad_to_editor_layout(module, module.weight.detach()).to(torch.float64)
-        D = delta.to(torch.float64)
-        out[name] = float((D * (C0 @ D)).sum() / (W * (C0 @ W)).sum().clamp_min(1e-300))
-    return out
+    return {name: output_energy(second_moments[name], delta)
+            / output_energy(second_moments[name], editor_layout_weight(model, name))
+            for name, delta in deltas.items() if name in second_moments}
 
 
 _PRESERVED_KEYS: dict[tuple, tuple] = {}
