@@ -95,3 +95,28 @@ def tiny_editor(tok, **over):
     perturb(nets)
     nets.eval()
     return AGRADEEditor(model, tok, cfg, nets)
+
+
+def tiny_agrade_archive(tmp_path, tok, kind: str = "llama", **over):
+    """(model, hparams): a tiny LLaMA (or GPT-2) and a perturbed float64 AGRADE network with normaliser statistics
+    (the z-score guard needs them), saved as ``tmp_path/a.safetensors`` and named by ``hparams.archive``; the
+    executor's archive cache is cleared. ``over`` overrides the editing hparams."""
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.models.agrade.agrade_main import clear_archive_cache
+    from easyedit_agrade.models.agrade.archive import build_networks, save_archive
+
+    model = tiny_llama(len(tok)) if kind == "llama" else tiny_gpt2(len(tok))
+    params = LLAMA_PARAMS if kind == "llama" else GPT2_PARAMS
+    cfg = dict(alg_name="AGRADE", model_name="tiny", inner_params=params, rank=4, n_blocks=2, eta_init=0.5,
+               editor_dtype="float64", batch_size=8, cache_batch_size=2, archive=str(tmp_path / "a.safetensors"))
+    cfg.update(over)
+    hp = AGRADEHyperParams.from_dict(cfg)
+    nets = build_networks(model, hp).double()
+    perturb(nets, scale=0.1)
+    nets.train()
+    for s in nets.slots:
+        nets.observe(s.name, torch.randn(20, s.key_size, dtype=torch.float64),
+                     torch.randn(20, s.value_size, dtype=torch.float64))
+    save_archive(tmp_path / "a.safetensors", nets, model, hp, {"note": "test"})
+    clear_archive_cache()
+    return model, hp

@@ -8,30 +8,13 @@ import warnings
 import pytest
 import torch
 
-from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_llama
+from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_agrade_archive, tiny_llama
 from easyedit_agrade.core.edit_report import DeltaTooLargeError, EditedWeights, last_report
 from easyedit_agrade.hparams import HyperParamsError
 
 
 def _agrade(tmp_path, tok, **over):
-    from easyedit_agrade.models.agrade import AGRADEHyperParams
-    from easyedit_agrade.models.agrade.agrade_main import clear_archive_cache
-    from easyedit_agrade.models.agrade.archive import build_networks, save_archive
-
-    model = tiny_llama(len(tok))
-    cfg = dict(alg_name="AGRADE", model_name="tiny", inner_params=LLAMA_PARAMS, rank=4, n_blocks=2, eta_init=0.5,
-               editor_dtype="float64", batch_size=8, cache_batch_size=2, archive=str(tmp_path / "a.safetensors"))
-    cfg.update(over)
-    hp = AGRADEHyperParams.from_dict(cfg)
-    nets = build_networks(model, hp).double()
-    perturb(nets, scale=0.1)
-    nets.train()
-    for s in nets.slots:  # give the normaliser statistics (the z-score guard needs them)
-        nets.observe(s.name, torch.randn(20, s.key_size, dtype=torch.float64),
-                     torch.randn(20, s.value_size, dtype=torch.float64))
-    save_archive(tmp_path / "a.safetensors", nets, model, hp)
-    clear_archive_cache()
-    return model, hp
+    return tiny_agrade_archive(tmp_path, tok, **over)
 
 
 def _weights(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agrade_helpers import GPT2_PARAMS, LLAMA_PARAMS, perturb, records, tiny_gpt2, tiny_llama
+from agrade_helpers import LLAMA_PARAMS, perturb, records, tiny_agrade_archive, tiny_llama
 from easyedit_agrade.models.agrade import AGRADEHyperParams, apply_agrade_to_model
 from easyedit_agrade.models.agrade.agrade_main import clear_archive_cache
 from easyedit_agrade.models.agrade.archive import (ArchiveMismatchError, ArchiveNotFoundError, build_networks,
@@ -12,22 +12,7 @@ from easyedit_agrade.models.agrade.archive import (ArchiveMismatchError, Archive
 
 
 def _setup(tmp_path, tok, kind="llama", **over):
-    model = tiny_llama(len(tok)) if kind == "llama" else tiny_gpt2(len(tok))
-    params = LLAMA_PARAMS if kind == "llama" else GPT2_PARAMS
-    cfg = dict(alg_name="AGRADE", model_name="tiny", inner_params=params, rank=4, n_blocks=2, eta_init=0.5,
-               editor_dtype="float64", batch_size=8, cache_batch_size=2, archive=str(tmp_path / "a.safetensors"))
-    cfg.update(over)
-    hp = AGRADEHyperParams.from_dict(cfg)
-    nets = build_networks(model, hp).double()
-    perturb(nets, scale=0.1)
-    nets.train()
-    k = torch.randn(20, 16, dtype=torch.float64)
-    for s in nets.slots:
-        nets.observe(s.name, torch.randn(20, s.key_size, dtype=torch.float64), torch.randn(20, s.value_size,
-                                                                                          dtype=torch.float64))
-    save_archive(tmp_path / "a.safetensors", nets, model, hp, {"note": "test"})
-    clear_archive_cache()
-    return model, hp
+    return tiny_agrade_archive(tmp_path, tok, kind, **over)
 
 
 def _weights(model, params):
