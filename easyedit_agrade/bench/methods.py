@@ -73,16 +73,21 @@ METHODS: dict[str, MethodSpec] = {
     "LoRA": _spec("LoRA", "LoRA", "EasyEdit LoRA (peft AdaLoRA adapter on q_proj/v_proj)"),
     "MEND": _spec("MEND", "MEND", "EasyEdit MEND (needs a trained MEND hypernetwork)"),
     "ROME": _spec("ROME", "ROME", "EasyEdit ROME, covariance adjustment off"),
-    "MEMIT": _spec("MEMIT", "MEMIT", "EasyEdit MEMIT, covariance adjustment off (identity covariance)"),
+    "MEMIT": _spec("MEMIT", "MEMIT", "EasyEdit MEMIT (key statistics: see --statistics)"),
 }
 ALL_METHODS = tuple(METHODS)
 
-COVARIANCE_NOTE = (
-    "ROME and MEMIT run with covariance adjustment off (mom2_adjustment: false): their key covariance needs "
-    "second-moment statistics over Wikipedia, which cannot be downloaded here. ROME then uses the unwhitened key; "
-    "EasyEdit 0.0.1.dev0's MEMIT ignores the flag and always loads a covariance, so the harness gives it the "
-    "identity matrix (the MEMIT update becomes ridge-regularised least squares)."
-)
+def covariance_note(statistics: str, n_tokens: int) -> str:
+    """The results' note on ROME/MEMIT key statistics for ``--statistics``."""
+    if statistics == "wiki":
+        return (f"ROME and MEMIT use real key statistics (EasyEdit's mom2): the uncentred second moment of each edited "
+                f"layer's input over {n_tokens:,} tokens of wikitext/wiki.valid.tokens (WikiText-2 validation; the "
+                "perplexity text wiki.test.tokens is never used), computed once into the cache AGRADE's "
+                "preserved-knowledge term reads and written in EasyEdit's own format where its layer_stats loads it "
+                "(no download). ROME runs with mom2_adjustment on.")
+    return ("ROME and MEMIT run with covariance adjustment off (--statistics identity): ROME uses the unwhitened key; "
+            "EasyEdit 0.0.1.dev0's MEMIT ignores the flag and always loads a covariance, so the harness gives it the "
+            "identity matrix (the MEMIT update becomes ridge-regularised least squares).")
 
 
 def load_hparams(spec: MethodSpec, hparams_dir: Path | None = None, *, extra: dict | None = None) -> Any:
@@ -121,6 +126,38 @@ def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
     return "batch", f"{spec.alg_name} edits all requests in one apply_to_model call"
 
 
+#: set on a ROME/MEMIT hparams object by :func:`prepare_statistics` (the description of the statistics used)
+STATISTICS_ATTR = "_easyedit_agrade_statistics"
+
+
+def prepare_statistics(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statistics: str, n_tokens: int,
+                       notes: list[str]) -> str | None:
+    """Key statistics for the methods that read EasyEdit's mom2 (MEMIT always; ROME with mom2_adjustment).
+
+    ``statistics="wiki"``: EasyEdit's mom2 cache files written from the shared C₀ cache (``n_tokens`` tokens of
+    ``wikitext/wiki.valid.tokens``; :func:`easyedit_agrade.integration.easyedit_stats.export_mom2`) and ROME's
+    ``mom2_adjustment`` switched on; ``"identity"``: ROME's adjustment off, MEMIT's covariance = I (in
+    :func:`method_context`). Returns the description recorded in the bench row (None when unused)."""
+    from ..integration.easyedit_stats import clear_easyedit_covariance_caches, export_mom2
+
+    if spec.alg_name not in ("ROME", "MEMIT"):
+        return None
+    if statistics == "identity":
+        if spec.alg_name == "ROME":
+            hparams.mom2_adjustment = False
+            notes.append("ROME: mom2_adjustment off (--statistics identity)")
+        return None
+    if statistics != "wiki":
+        raise ValueError(f"statistics must be 'wiki' or 'identity', got {statistics!r}")
+    hparams.mom2_adjustment = True
+    clear_easyedit_covariance_caches(model, hparams)
+    source = export_mom2(model, tok, hparams, n_tokens=n_tokens, progress=False)
+    setattr(hparams, STATISTICS_ATTR, source.describe())
+    notes.append(f"{spec.alg_name}: key statistics (EasyEdit mom2) = {source.describe()}, shared with AGRADE's C0 "
+                 f"cache")
+    return source.describe()
+
+
 @contextlib.contextmanager
 def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
                    notes: list[str]) -> Iterator[None]:
@@ -134,9 +171,10 @@ def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
         if spec.alg_name == "MEMIT":
             n_layers = int(model.config.num_hidden_layers)
             stack.enter_context(compat.decoder_layers_return_tuples(model, hparams.layer_module_tmp, n_layers))
-            stack.enter_context(compat.memit_identity_covariance(model, hparams))
             notes.append("MEMIT: decoder-layer outputs presented as tuples to EasyEdit's hooks (transformers>=4.54)")
-            notes.append("MEMIT: covariance = identity (no Wikipedia statistics; covariance adjustment off)")
+            if getattr(hparams, STATISTICS_ATTR, None) is None:
+                stack.enter_context(compat.memit_identity_covariance(model, hparams))
+                notes.append("MEMIT: covariance = identity (--statistics identity: covariance adjustment off)")
         if spec.alg_name == "LoRA":
             steps = int(hparams.num_steps) * max(1, math.ceil(n_requests / max(int(hparams.batch_size), 1)))
             stack.enter_context(compat.adalora_total_step(steps))

@@ -100,6 +100,8 @@ def markdown_report(results: dict) -> str:
                      _pct(g.get("mc", {}).get("acc_norm"))])
     out += ["### General ability after editing", "", _table(header, rows), ""]
 
+    out += generation_section(results, ok)
+
     methods = results.get("methods", {})
     if methods:
         out += ["### Methods", ""]
@@ -127,6 +129,44 @@ def markdown_report(results: dict) -> str:
     if notes:
         out += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def generation_section(results: dict, ok: Sequence[dict]) -> list[str]:
+    """The generation-based table beside the teacher-forced ES/GS (empty when the run had no generation)."""
+    base = results.get("baseline", {})
+    if not base.get("generation") and not any(r.get("generation") for r in ok):
+        return []
+    probes = results.get("generation_probes") or {}
+    header = ["Method", "N", "ES (TF)", "ES gen exact", "ES gen prefix", "GS (TF)", "GS gen exact", "GS gen prefix",
+              "gen token acc", "n-gram entropy", "repetition", "degenerate"]
+
+    def row(name: str, n: str, m: dict, g: dict | None) -> list[str]:
+        g = g or {}
+        rw, rp, al = g.get("rewrite", {}), g.get("rephrase", {}), g.get("all", {})
+        return [name, n, _pct(m.get("ES")), _pct(rw.get("exact")), _pct(rw.get("prefix")), _pct(m.get("GS")),
+                _pct(rp.get("exact")), _pct(rp.get("prefix")), _pct(rw.get("token_acc")), _f(al.get("entropy"), 2),
+                _pct(al.get("repetition")), _pct(al.get("degenerate"))]
+
+    rows = [row("unedited", "0", base.get("metrics", {}), base.get("generation"))]
+    rows += [row(r["method"], str(r["n_edits"]), r.get("metrics", {}), r.get("generation")) for r in ok]
+    out = ["### Generation-based metrics beside the teacher-forced ones", "",
+           f"Greedy decoding of {probes.get('max_new_tokens', '?')} new tokens from the edit prompt (ES) and the first "
+           f"paraphrase (GS), on {probes.get('records', 'the evaluated records')}. TF = teacher-forced token "
+           "accuracy (the tables above). *exact*: the answer up to the first newline / sentence end equals the new "
+           "target (normalised); *prefix*: the generation starts with it; *token acc*: target tokens reproduced at "
+           "their positions without teacher forcing. Fluency: ROME/EasyEdit's weighted bi-/tri-gram entropy (bits) "
+           "and the share of repeated bigrams; *degenerate*: generations with more than half their bigrams "
+           "repeated.", "", _table(header, rows), ""]
+    examples = [(r, r["generation"].get("examples", {})) for r in ok if r.get("generation")]
+    shown = [(r, ex) for r, ex in examples if ex.get("rewrite")][-3:]
+    if shown:
+        out += ["Examples (first edits of the largest runs):", ""]
+        for r, ex in shown:
+            e = ex["rewrite"][0]
+            text = e["generation"].replace("\n", " ").replace("|", "/")[:120]
+            out.append(f"- {r['method']} N={r['n_edits']}: *{e['prompt']}* → `{text}` (target: {e['target']})")
+        out.append("")
+    return out
 
 
 def write_plots(results: dict, dirs: Sequence[Path]) -> list[Path]:
@@ -193,6 +233,31 @@ def write_plots(results: dict, dirs: Sequence[Path]) -> list[Path]:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     figures["bench_general_vs_edits.png"] = fig
+
+    gen_runs = {name: [r for r in rs if r.get("generation")] for name, rs in by_method.items()}
+    if any(gen_runs.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
+        for ax, (metric, kind, title) in zip(axes, (("ES", "rewrite", "edit prompt"),
+                                                     ("GS", "rephrase", "paraphrase"))):
+            for i, (name, rs) in enumerate(gen_runs.items()):
+                if not rs:
+                    continue
+                color = f"C{i % 10}"
+                tf = [(r["n_edits"], r["metrics"].get(metric)) for r in rs if r["metrics"].get(metric) is not None]
+                gen = [(r["n_edits"], r["generation"][kind].get("prefix")) for r in rs
+                       if r["generation"].get(kind, {}).get("prefix") is not None]
+                if tf:
+                    ax.plot(*zip(*tf), marker="o", color=color, label=f"{name} teacher-forced")
+                if gen:
+                    ax.plot(*zip(*gen), marker="s", ls="--", color=color, label=f"{name} generated (prefix)")
+            ax.set_xscale("log")
+            ax.set_xlabel("number of edits (log scale)")
+            ax.set_title(f"{metric}: {title}, teacher-forced vs generated")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        figures["bench_generation_vs_edits.png"] = fig
 
     paths = []
     for d in dirs:

@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .methods import ALL_METHODS, COVARIANCE_NOTE, METHODS
+from .methods import ALL_METHODS, METHODS, covariance_note
 
 SCHEMA = "easyedit-agrade-bench/1"
 FULL_SIZES = (1, 16, 128, 512, 2048)
@@ -77,6 +77,23 @@ def build_parser(prog: str = "easyedit-agrade bench") -> argparse.ArgumentParser
     p.add_argument("--redo", default=None,
                    help="with --resume: comma-separated methods whose finished runs are discarded and run again")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g = p.add_argument_group("generation-based metrics (greedy decoding of the edit and paraphrase prompts)")
+    g.add_argument("--gen-tokens", type=int, default=None,
+                   help="new tokens per greedy generation (default 16; --quick 8)")
+    g.add_argument("--gen-records", type=int, default=None,
+                   help="edited records generated from per run (default 64; --quick 4)")
+    g.add_argument("--no-generation", action="store_true", help="teacher-forced metrics only")
+    s = p.add_argument_group("key statistics of ROME / MEMIT (EasyEdit's mom2)")
+    s.add_argument("--statistics", choices=("wiki", "identity"), default="wiki",
+                   help="wiki: second moments over --stats-tokens tokens of wikitext/wiki.valid.tokens (one cache "
+                        "with AGRADE's C0); identity: covariance adjustment off (default wiki)")
+    s.add_argument("--stats-tokens", type=int, default=100_000, help="tokens of wiki.valid.tokens (default 100000)")
+    t = p.add_argument_group("speed (the AGRADE paper's Table 3 shape)")
+    t.add_argument("--speed", action="store_true",
+                   help="time --speed-methods on the same records at --speed-sizes in one process and print "
+                        "per-edit time ratios and peak memory (no evaluation); writes speed.json / speed.md")
+    t.add_argument("--speed-methods", default="AGRADE,MEMIT,ROME", help="methods timed by --speed")
+    t.add_argument("--speed-sizes", default="16,128", help="edit counts timed by --speed")
     return p
 
 
@@ -102,13 +119,28 @@ def resolve_config(args: argparse.Namespace) -> dict:
     def pick(value, quick_default, full_default):
         return value if value is not None else (quick_default if quick else full_default)
 
+    for option, value in (("--gen-tokens", args.gen_tokens), ("--gen-records", args.gen_records),
+                          ("--stats-tokens", args.stats_tokens)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{option} must be a positive integer, got {value}")
+    speed_methods = _csv(args.speed_methods, ())
+    if [m for m in speed_methods if m not in METHODS]:
+        raise SystemExit(f"unknown method(s) in --speed-methods {speed_methods}; choose from {', '.join(ALL_METHODS)}")
+    try:
+        speed_sizes = sorted({int(x) for x in _csv(args.speed_sizes, ())})
+    except ValueError:
+        raise SystemExit(f"--speed-sizes must be comma-separated positive integers, got {args.speed_sizes!r}")
+    if args.speed and (not speed_sizes or speed_sizes[0] < 1 or not speed_methods):
+        raise SystemExit("--speed needs positive --speed-sizes and at least one --speed-methods entry")
+
     return {
         "mode": "quick" if quick else "full",
         "methods": methods,
         "sizes": sizes,
         "model": args.model,
         "hparams_dir": args.hparams_dir,
-        "out": args.out or os.path.join("runs", "bench-quick" if quick else "bench-full"),
+        "out": args.out or os.path.join("runs", "bench-speed" if args.speed else "bench-quick" if quick
+                                        else "bench-full"),
         "plots_dir": args.plots_dir,
         "eval_cap": pick(args.eval_cap, 4, 256),
         "max_probes": args.max_probes,
@@ -123,6 +155,14 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "retry_failed": bool(args.retry_failed),
         "redo": _csv(args.redo, ()),
         "plots": not args.no_plots,
+        "generation": not args.no_generation,
+        "gen_tokens": pick(args.gen_tokens, 8, 16),
+        "gen_records": pick(args.gen_records, 4, 64),
+        "statistics": args.statistics,
+        "stats_tokens": args.stats_tokens,
+        "speed": bool(args.speed),
+        "speed_methods": speed_methods,
+        "speed_sizes": speed_sizes,
     }
 
 
@@ -284,6 +324,7 @@ class Bench:
                  f"{len(self.eval_records_max)} records per run; computing the unedited model's scores ...")
         self.pre = self.evaluator.score(model, self.eval_records_max, self.cases_all)
         self.baseline_general = self._general(model)
+        self.baseline_generation = self._generation(model, self.eval_records_max)
         baseline = self.evaluator.summarize(self.eval_records_max, self.cases_all, self.pre, self.pre)
         del model
         gc.collect()
@@ -312,8 +353,13 @@ class Bench:
                      "mquake_cases": len(self.cases_all)},
             "general_probes": {"perplexity": f"WikiText-2 test, first {cfg['ppl_windows']} x {cfg['ppl_window']} "
                                              "tokens", "mc_questions": len(self.questions)},
-            "notes": [COVARIANCE_NOTE],
-            "baseline": {"metrics": baseline, "general": self.baseline_general},
+            "notes": [covariance_note(cfg["statistics"], cfg["stats_tokens"])],
+            "generation_probes": ({"records": f"the first min(N, {cfg['gen_records']}) evaluated records",
+                                   "max_new_tokens": cfg["gen_tokens"], "decoding": "greedy",
+                                   "kinds": "rewrite (edit prompt), rephrase (first paraphrase)"}
+                                  if cfg["generation"] else None),
+            "baseline": {"metrics": baseline, "general": self.baseline_general,
+                         "generation": self.baseline_generation},
             "methods": dict(previous.get("methods", {})),
             "runs": [r for r in previous.get("runs", []) if self._keep_previous(r)],
         }
@@ -350,6 +396,17 @@ class Bench:
                                batch_tokens=self.cfg["batch_tokens"])
 
     # ------------------------------------------------------------------ one run
+    def _generation(self, model: Any, records: Sequence[Any]) -> dict | None:
+        """Greedy-generation metrics on the first ``gen_records`` of ``records`` (None when switched off)."""
+        if not self.cfg["generation"]:
+            return None
+        from ..evaluate.generation import generation_metrics
+
+        chosen = list(records)[: self.cfg["gen_records"]]
+        probes = {"rewrite": [(r.prompt, r.target_new) for r in chosen],
+                  "rephrase": [(r.rephrase[0], r.target_new) for r in chosen if r.rephrase]}
+        return generation_metrics(model, self.tok, probes, max_new_tokens=self.cfg["gen_tokens"], keep_texts=3)
+
     def _done(self, method: str, n: int) -> dict | None:
         for r in self.results["runs"]:
             if r["method"] == method and r["n_edits"] == n:
@@ -403,7 +460,7 @@ class Bench:
         from ..integration.cpu_compat import cuda_on_cpu
         from ..lm import load_model_and_tokenizer
         from .methods import (MethodUnavailable, apply_edits, diagnose, edit_mode, load_hparams, make_editor,
-                              method_context, preflight)
+                              method_context, preflight, prepare_statistics)
         from .resources import measure
 
         spec = METHODS[name]
@@ -444,6 +501,11 @@ class Bench:
                     _quiet_easyedit()
                     editor = make_editor(hparams, model, tok, self.model_alias)
                     _quiet_easyedit()
+                    statistics = prepare_statistics(spec, editor.model, tok, editor.hparams,
+                                                    statistics=self.cfg["statistics"],
+                                                    n_tokens=self.cfg["stats_tokens"], notes=notes)
+                    if statistics:
+                        entry["statistics"] = statistics
                     with method_context(spec, editor.model, editor.hparams, n, notes), measure() as m:
                         edited = apply_edits(editor, requests, mode)
             except Exception as exc:  # noqa: BLE001 - every failure is reported, never dropped
@@ -467,6 +529,7 @@ class Bench:
                 metrics = self.evaluator.summarize(eval_records, cases, post, self.pre)
                 before = self.evaluator.summarize(eval_records, cases, self.pre, self.pre)
                 general = self._general(edited)
+                generation = self._generation(edited, eval_records)
         except Exception as exc:  # noqa: BLE001
             entry.update(status="failed", stage="evaluate", error=error_text(exc),
                          traceback=_traceback_tail(exc), diagnosis=None)
@@ -486,6 +549,8 @@ class Bench:
             general["mc_acc_delta"] = general["mc"]["acc"] - base["mc"]["acc"]
         entry.update(status="ok", eval_seconds=time.perf_counter() - t0, n_eval_records=len(eval_records),
                      metrics=metrics, before={k: before[k] for k in ("ES", "GS", "LS", "Score")}, general=general)
+        if generation is not None:
+            entry["generation"] = generation
         return entry
 
     # ------------------------------------------------------------------ output
@@ -538,6 +603,12 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     cfg["argv"] = argv
+    if cfg["speed"]:
+        from .speed import run_speed
+
+        run_speed(cfg, log=lambda msg: print(msg, flush=True))
+        print(f"results: {Path(cfg['out']) / 'speed.json'}", flush=True)
+        return 0
     bench = Bench(cfg, log=lambda msg: print(msg, flush=True))
     bench.setup()
     bench.run()

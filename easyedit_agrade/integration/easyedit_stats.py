@@ -10,8 +10,7 @@ The same matrix is the C₀ of AGRADE's preserved-knowledge term, computed by
 ``wikitext/wiki.valid.tokens`` (the held-out ``wiki.test.tokens`` is refused: it is the perplexity text). So there
 is one computation and one store: :func:`export_mom2` takes C₀ from that cache (computing what is missing) and
 writes it with **EasyEdit's own** ``CombinedStat``/``SecondMoment``/``save_cached_state`` at the path EasyEdit's
-``layer_stats`` looks for, with ``count`` = the token count and ``sample_size`` = the hparams' ``mom2_n_samples``
-(the key ``tally`` checks). EasyEdit then loads it through its own code path (``get_cov`` / ``get_inv_cov`` →
+``layer_stats`` looks for, with ``count`` = the token count and ``sample_size`` = the token count (the key ``tally`` checks; ``hparams.mom2_n_samples`` is set to it). EasyEdit then loads it through its own code path (``get_cov`` / ``get_inv_cov`` →
 ``layer_stats`` → ``tally`` → ``load_cached_state``) and never reaches its download. ``tests/integration`` checks
 that EasyEdit's ``layer_stats``, fed the same text through its own ``TokenizedDataset`` pipeline, computes the
 same matrix as our streamer.
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.preserved_stats import DEFAULT_CORPUS, preserved_second_moments, resolve_corpus
+from ..core.preserved_stats import DEFAULT_CORPUS, file_sha256, model_key, preserved_second_moments, resolve_corpus
 from ..paths import cache_dir
 
 #: default home of the exported EasyEdit statistics (``hparams.stats_dir`` is pointed here by the bench)
@@ -67,25 +66,31 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
                 progress: bool = True, log: Callable[[str], None] | None = None) -> StatisticsSource:
     """Write EasyEdit's ``mom2`` cache files for the layers of a ROME/MEMIT ``hparams`` and point it at them.
 
-    Sets ``hparams.stats_dir``, ``hparams.mom2_dataset`` (``"wikitext"``) and keeps ``mom2_n_samples`` and
-    ``mom2_dtype``. Existing files are left as they are (EasyEdit loads them); the shared C₀ cache (under
+    Sets ``hparams.stats_dir`` (a folder keyed by the model's weights, the corpus and the window),
+    ``hparams.mom2_dataset`` (``"wikitext"``) and ``hparams.mom2_n_samples`` (= the token count, the key in
+    EasyEdit's file name); keeps ``mom2_dtype``. Existing files are left as they are (EasyEdit loads them); the shared C₀ cache (under
     ``preserved_root``, default the AGRADE statistics cache) is computed on first use. A missing corpus raises FileNotFoundError naming it before anything is written.
     """
     import numpy as np
     import torch
 
     corpus_path = resolve_corpus(corpus)
+    if n_tokens < window or window < 2:
+        raise ValueError(f"n_tokens={n_tokens} must be >= window={window} >= 2")
     runningstats = importlib.import_module("easyeditor.util.runningstats")
-    root = Path(stats_dir).expanduser() if stats_dir is not None else cache_dir() / DEFAULT_EASYEDIT_STATS_DIR
+    count = (n_tokens // window) * window
+    base = Path(stats_dir).expanduser() if stats_dir is not None else cache_dir() / DEFAULT_EASYEDIT_STATS_DIR
+    # EasyEdit keys its files by config._name_or_path, layer, dtype and sample size only; the folder adds what it
+    # does not see (the weights, the corpus, the window), so a fine-tuned model or another text never reuses them
+    root = base / model_key(model) / f"{corpus_path.stem}-{file_sha256(corpus_path)[:16]}-w{int(window)}"
     precision = str(getattr(hparams, "mom2_dtype", "float32") or "float32")
-    sample_size = getattr(hparams, "mom2_n_samples", None)
+    sample_size = count  # EasyEdit's tally checks this key: here the token count
     modules = edited_modules(hparams)
     files = {m: easyedit_stats_file(root, model, m, precision=precision, sample_size=sample_size) for m in modules}
     todo = [m for m, f in files.items() if not f.is_file()]
     if todo:
         moments = preserved_second_moments(model, tok, todo, corpus=corpus_path, n_tokens=n_tokens, window=window,
                                            root=preserved_root, progress=progress, log=log)
-        count = (n_tokens // window) * window
         for m in todo:
             stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
             sm = stat.mom2
@@ -100,8 +105,8 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
         np.load(files[todo[0]])  # fail here, not inside EasyEdit, if the written file is unreadable
     hparams.stats_dir = str(root)
     hparams.mom2_dataset = DATASET_NAME
-    return StatisticsSource(corpus=corpus_path.name, n_tokens=(n_tokens // window) * window, window=window,
-                            stats_dir=str(root))
+    hparams.mom2_n_samples = sample_size
+    return StatisticsSource(corpus=corpus_path.name, n_tokens=count, window=window, stats_dir=str(root))
 
 
 def clear_easyedit_covariance_caches(model: Any, hparams: Any) -> None:
@@ -116,11 +121,4 @@ def clear_easyedit_covariance_caches(model: Any, hparams: Any) -> None:
             continue
         for m in edited_modules(hparams):
             cache.pop((name, m), None)
-
-
-def required_statistics(alg_name: str, hparams: Any) -> bool:
-    """Whether this EasyEdit method reads ``mom2`` for these hparams (MEMIT always; ROME with mom2_adjustment)."""
-    if alg_name == "MEMIT":
-        return True
-    return alg_name == "ROME" and bool(getattr(hparams, "mom2_adjustment", False))
 

@@ -36,7 +36,13 @@ def test_quick_bench_end_to_end(tmp_path, shared_data, easyeditor_module, embedd
     assert res["baseline"]["metrics"]["LS"] == 1.0
     md = (out / "bench.md").read_text()
     assert "| FT | batch | 1 | ok |" in md and "MEND N=1: **failed**" in md
-    assert "covariance adjustment off" in md
+    assert "wiki.valid.tokens" in md  # the ROME/MEMIT statistics note
+    gen = ft["generation"]
+    for kind in ("rewrite", "rephrase"):
+        assert set(gen[kind]) >= {"exact", "prefix", "token_acc", "entropy", "repetition", "degenerate", "n"}
+    assert gen["rewrite"]["n"] == 1 and gen["max_new_tokens"] == 8
+    assert res["baseline"]["generation"]["rewrite"]["n"] == 1
+    assert "### Generation-based metrics" in md and (out / "bench_generation_vs_edits.png").exists()
     assert (tmp_path / "img" / "bench_score_vs_edits.png").exists()
     assert (out / "bench_time_vs_edits.png").exists()
     from easyedit_agrade.paths import REPO_ROOT
@@ -102,3 +108,23 @@ def test_preflight_and_diagnosis_messages(easyeditor_module):
     preflight(METHODS["MALMEN"], malmen)  # nothing to say before the archive lookup
     why = diagnose(METHODS["MALMEN"], malmen, ArchiveNotFoundError("no trained AGRADE archive ..."))
     assert "easyedit-agrade train hparams/TRAINING/AGRADE/smollm2-135m.yaml --preset malmen --out" in why
+
+
+def test_speed_option_times_methods_side_by_side(tmp_path, shared_data, easyeditor_module, embedded_model_dir):
+    """``bench --speed``: the same records for every method in one process; ROME with real key statistics."""
+    from easyedit_agrade.bench import bench_main
+
+    out = tmp_path / "speed"
+    rc = bench_main(["--speed", "--speed-methods", "FT,ROME", "--speed-sizes", "1", "--stats-tokens", "512",
+                     "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    res = json.loads((out / "speed.json").read_text())
+    runs = {r["method"]: r for r in res["runs"]}
+    assert set(runs) == {"FT", "ROME"} and res["reference"] == "FT"
+    for r in runs.values():
+        assert r["status"] == "ok", r.get("error")
+        assert r["n_edits"] == 1 and r["edit_seconds"] > 0 and r["peak_rss_mb"] > 0
+    assert runs["FT"]["ratio_to_reference"] == 1.0
+    assert runs["ROME"]["ratio_to_reference"] == runs["ROME"]["edit_seconds"] / runs["FT"]["edit_seconds"]
+    assert "512 tokens of wiki.valid.tokens" in runs["ROME"]["statistics"]
+    assert "| ROME | 1 |" in (out / "speed.md").read_text()

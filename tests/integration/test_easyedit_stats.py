@@ -43,22 +43,26 @@ def test_export_is_loaded_by_easyedit_layer_stats_without_download(embedded_mode
     src = S.export_mom2(model, tok, hp, n_tokens=N_TOKENS, window=WINDOW, stats_dir=tmp_path / "ee",
                         preserved_root=tmp_path / "c0", progress=False)
     assert src.n_tokens == N_TOKENS and src.corpus == "wiki.valid.tokens"
-    assert hp.stats_dir == str(tmp_path / "ee") and hp.mom2_dataset == "wikitext"
+    assert hp.stats_dir.startswith(str(tmp_path / "ee")) and hp.mom2_dataset == "wikitext"
+    assert hp.mom2_n_samples == N_TOKENS  # the key in EasyEdit's file name is the token count
     ours = preserved_stats.preserved_second_moments(model, tok, [hp.rewrite_module_tmp.format(i) for i in LAYERS],
                                                     corpus="wikitext/wiki.valid.tokens", n_tokens=N_TOKENS,
                                                     window=WINDOW, root=tmp_path / "c0", progress=False)
     for layer in LAYERS:
         name = hp.rewrite_module_tmp.format(layer)
-        f = S.easyedit_stats_file(hp.stats_dir, model, name, precision="float32", sample_size=100000)
+        f = S.easyedit_stats_file(hp.stats_dir, model, name, precision="float32", sample_size=N_TOKENS)
         assert f.is_file()
         with cuda_on_cpu():
             stat = no_download.layer_stats(model, tok, name, hp.stats_dir, hp.mom2_dataset, to_collect=["mom2"],
                                            sample_size=hp.mom2_n_samples, precision=hp.mom2_dtype, hparams=hp)
         assert int(stat.mom2.count) == N_TOKENS
         torch.testing.assert_close(stat.mom2.moment().float(), ours[name].cpu(), rtol=1e-5, atol=1e-6)
-    # a different key (n_samples) is a different file: EasyEdit's tally refuses a changed sample_size
-    other = S.easyedit_stats_file(hp.stats_dir, model, name, precision="float32", sample_size=5)
-    assert not other.exists()
+    # another token count is another file (EasyEdit's tally also refuses a changed sample_size)
+    hp2 = memit_like_hparams()
+    S.export_mom2(model, tok, hp2, n_tokens=2 * N_TOKENS, window=WINDOW, stats_dir=tmp_path / "ee",
+                  preserved_root=tmp_path / "c0", progress=False)
+    assert hp2.stats_dir == hp.stats_dir and hp2.mom2_n_samples == 2 * N_TOKENS
+    assert len(list((tmp_path / "ee").rglob("*.npz"))) == 2 * len(LAYERS)
 
 
 def test_export_reuses_both_caches(embedded_model, shared_data, tmp_path, monkeypatch, easyeditor_module):
@@ -92,7 +96,7 @@ def test_missing_corpus_is_a_clear_error_and_writes_nothing(embedded_model, tmp_
         S.export_mom2(model, tok, hp, corpus=tmp_path / "no-such-corpus.txt", stats_dir=tmp_path / "ee",
                       preserved_root=tmp_path / "c0", progress=False)
     assert not (tmp_path / "ee").exists() and not (tmp_path / "c0").exists()
-    assert hp.stats_dir == "./data/stats"  # hparams untouched
+    assert hp.stats_dir == "./data/stats" and hp.mom2_n_samples == 100000  # hparams untouched
     with pytest.raises(ValueError, match="perplexity"):
         S.export_mom2(model, tok, hp, corpus="wikitext/wiki.test.tokens", stats_dir=tmp_path / "ee",
                       preserved_root=tmp_path / "c0", progress=False)
