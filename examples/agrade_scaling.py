@@ -68,22 +68,15 @@ def read_set(name: str, n: int):
     return recs, portability
 
 
-def repetition_rate(ids: list[int]) -> float:
-    """Share of generated tokens that repeat an earlier generated token (0: all distinct)."""
-    return 1.0 - len(set(ids)) / len(ids) if ids else 0.0
+def generation_checks(model, tok, recs, args) -> dict:
+    """Greedy generation from the first ``--generations`` edit and paraphrase prompts (evaluate/generation.py):
+    exact / prefix match of the new target, n-gram entropy, repetition, degenerate share, a few texts."""
+    from easyedit_agrade.evaluate.generation import generation_metrics
 
-
-def generate(model, tok, prompts, max_new_tokens: int):
-    import torch
-
-    out = []
-    for p in prompts:
-        enc = tok(p, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
-        out.append({"prompt": p, "text": tok.decode(ids, skip_special_tokens=True), "repetition": repetition_rate(ids)})
-    return out
+    chosen = recs[:args.generations]
+    probes = {"rewrite": [(r.prompt, r.target_new) for r in chosen],
+              "rephrase": [(r.rephrase_prompt, r.target_new) for r in chosen if r.rephrase_prompt]}
+    return generation_metrics(model, tok, probes, max_new_tokens=args.gen_tokens, keep_texts=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-cap", type=int, default=512)
     p.add_argument("--ppl-windows", type=int, default=4)
     p.add_argument("--ppl-window", type=int, default=256)
-    p.add_argument("--generations", type=int, default=3, help="edited prompts to generate from (greedy)")
+    p.add_argument("--generations", type=int, default=32,
+                   help="edited records whose edit and paraphrase prompts are decoded greedily (generation metrics)")
     p.add_argument("--gen-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/agrade_scaling.json")
@@ -166,12 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in ns:
             recs = all_recs[:n]
             pr, port, ref, pre = probes_for(min(n, cap))
-            gen_prompts = [r.prompt for r in recs[:args.generations]]
             row_pre = {"set": set_name, "n": n, "editor": "unedited", "es": pre["es"], "gs": pre["gs"], "ls": 1.0,
                        "score": harmonic_mean(pre["es"], pre["gs"], 1.0), "portability": pre["portability"],
                        "ppl": results["ppl_unedited"]}
             if n == min(ns):
-                row_pre["generations"] = generate(model, tok, gen_prompts, args.gen_tokens)
+                row_pre["generation"] = generation_checks(model, tok, recs, args)
             results["rows"].append(row_pre)
             for name, hp, nets in prepared:
                 editor = AGRADEEditor(model, tok, hp, nets)
@@ -199,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                            "preserved_change": preserved_output_change(model, stats, result.deltas),
                            "delta_ratio": {k: float(d.norm() / weights_copy[k + ".weight"].float().norm())
                                            for k, d in result.deltas.items()} if weights_copy else None,
-                           "generations": generate(model, tok, gen_prompts, args.gen_tokens)}
+                           "generation": generation_checks(model, tok, recs, args)}
                 finally:
                     restore_weights(model, weights_copy)
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
@@ -207,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["rows"].append(row)
                 print(f"[{set_name} N={n}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
                       f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
-                      f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s | {row['generations'][0]['text']!r}", flush=True)
+                      f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s | gen ES {row['generation']['rewrite']['prefix']:.3f} "
+                      f"{row['generation']['examples']['rewrite'][0]['generation']!r}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     table = markdown(results)
@@ -240,13 +234,23 @@ def markdown(results: dict) -> str:
                      f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
                      f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | {change} | "
                      f"{r.get('peak_rss_mb', 0):.0f} |")
-    gens = [r for r in results["rows"] if r.get("generations")]
+    gens = [r for r in results["rows"] if r.get("generation")]
     if gens:
+        lines += ["", "Generation-based checks (greedy, first edited records; prefix = the generation starts with the new "
+                  "target, entropy = ROME/EasyEdit bi-/tri-gram entropy, degenerate = more than half the bigrams "
+                  "repeated):", "",
+                  "| set | N | editor | ES TF | ES gen exact | ES gen prefix | GS TF | GS gen prefix | entropy | "
+                  "repetition | degenerate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in gens:
+            g = r["generation"]
+            rw, rp, al = g["rewrite"], g.get("rephrase", {}), g["all"]
+            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {rw['exact']:.3f} | "
+                         f"{rw['prefix']:.3f} | {r['gs']:.3f} | {rp.get('prefix', float('nan')):.3f} | "
+                         f"{al['entropy']:.2f} | {al['repetition']:.3f} | {al['degenerate']:.3f} |")
         lines += ["", "Greedy generations (first edited prompts):", ""]
         for r in gens:
-            for g in r["generations"][:2]:
-                lines.append(f"- {r['set']} N={r['n']} {r['editor']}: {g['prompt']!r} → {g['text']!r} "
-                             f"(repetition {g['repetition']:.2f})")
+            for e in r["generation"]["examples"]["rewrite"][:2]:
+                lines.append(f"- {r['set']} N={r['n']} {r['editor']}: {e['prompt']!r} → {e['generation']!r}")
     return "\n".join(lines)
 
 
