@@ -17,16 +17,15 @@ Validation every ``val_every`` steps edits ``val_size`` held-out records in one 
 (teacher-forced) — the best network is exported to ``<out>/best.safetensors``; early stopping on
 ``early_stop_key``. Checkpoints (safetensors + JSON, atomic) every ``checkpoint_every`` steps; ``--resume``
 continues from ``<out>/latest.json`` to the same result as an uninterrupted run (data order is a pure function of
-seed and step; no other randomness is used).
+seed and step; no other randomness is used). The loop, checkpoints, exports and the shared command-line options are
+:class:`~easyedit_agrade.core.editor_trainer.EditorTrainer`'s; this module supplies the step, the validation and
+the archive.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.cache import grad_only_for
-from ...core.checkpoint import (latest_checkpoint, load_training_checkpoint, save_json,
-                                save_training_checkpoint)
+from ...core.editor_trainer import EditorTrainer, jsonable, run_and_report, train_cli, trainer_arg_parser
 from ...core.weights import delta_leaves
 from ...dataset.readers import EditRecord, read_pool, records_from_requests
 from ...distributed.collective import Collective, get_collective
@@ -76,7 +74,7 @@ def as_records(data: Any, fmt: str = "auto") -> list[EditRecord]:
     return records_from_requests(reqs)
 
 
-class AGRADETrainer:
+class AGRADETrainer(EditorTrainer):
     """EasyEdit-style trainer: ``AGRADETrainer(config, train_set, val_set).run()``.
 
     ``config`` is an :class:`AGRADETrainingHyperParams`; ``train_set``/``val_set`` are anything
@@ -91,24 +89,16 @@ class AGRADETrainer:
     happen on rank 0; its decisions (best, early stopping) are broadcast.
     """
 
+    progress_desc = "AGRADE train"
+
     def __init__(self, config: AGRADETrainingHyperParams, train_set: Any = None, val_set: Any = None, *,
                  model=None, tok=None, out_dir: str | os.PathLike[str] | None = None, resume: bool = False,
                  max_steps: int | None = None, progress: bool = True, log=print,
                  collective: Collective | None = None) -> None:
-        self.config = config
-        self.coll = collective if collective is not None else get_collective()
-        self.out = Path(out_dir or config.results_dir)
-        self.resume = resume
-        self.max_steps = int(max_steps if max_steps is not None else config.max_steps)
-        self.progress = progress and self.coll.is_main
-        self.log = log if self.coll.is_main else (lambda *_a, **_k: None)
-        if model is None or tok is None:
-            from ...lm import load_model_and_tokenizer
-
-            dtype = torch.float64 if config.editor_dtype == "float64" else None
-            model, tok = load_model_and_tokenizer(str(config.model_name), dtype=dtype)
-        self.model, self.tok = model, tok
-        self.model.eval()
+        super().__init__(config, collective=collective if collective is not None else get_collective(),
+                         model=model, tok=tok, out_dir=out_dir, resume=resume, max_steps=max_steps,
+                         progress=progress, log=log)
+        model = self.model
         self.train_records = as_records(train_set if train_set is not None else config.train_data, config.data_format)
         val_all = as_records(val_set if val_set is not None else config.val_data, config.data_format)
         if config.val_start is None:
@@ -120,20 +110,13 @@ class AGRADETrainer:
         if config.n_edits < self.coll.world_size:
             raise ValueError(f"n_edits={config.n_edits} < world_size={self.coll.world_size}: every rank needs at "
                              "least one edit per step")
-        self.nets = build_networks(model, config, seed=config.seed)
-        dtype = torch.float64 if config.editor_dtype == "float64" else torch.float32
-        self.nets.to(dtype=dtype, device=next(model.parameters()).device)
-        self.nets.train()
-        self.editor = AGRADEEditor(model, tok, config, self.nets)
-        if config.train_lower_dtype:
-            self.editor.use_lower_dtype(getattr(torch, config.train_lower_dtype))
+        self.nets = self.place_networks(build_networks(model, config, seed=config.seed))
+        self.editor = AGRADEEditor(model, self.tok, config, self.nets)
+        self.use_train_lower_dtype(self.editor)
         if config.init_archive:
             self._init_from_archive(config.init_archive)
         self.opt = torch.optim.Adam(self.nets.param_groups(config.lr, config.eta_lr, config.lambda_lr,
                                                            mu_lr=config.mu_lr))
-        self.step = 0
-        self.state: dict[str, Any] = {"best": None, "best_step": None, "bad_evals": 0, "history": [],
-                                      "train_wall_s": 0.0, "stopped_early": False}
         self._val_probes: Probes | None = None
 
     def _init_from_archive(self, path: str) -> None:
@@ -157,6 +140,10 @@ class AGRADETrainer:
         return perm[b * k:(b + 1) * k].tolist()
 
     # -- one step ----------------------------------------------------------------------------------------
+    def run_step(self) -> dict[str, float]:
+        """The loop's step ``self.step``: :meth:`train_step` on :meth:`batch_indices`."""
+        return self.train_step([self.train_records[i] for i in self.batch_indices(self.step)])
+
     def _global_tokens(self, mbs: Sequence[MicroBatch]) -> int:
         """Target tokens of ``mbs`` summed over ranks (the losses are means over the *global* batch)."""
         t = torch.tensor([float(sum(int(mb.predict_mask.sum()) for mb in mbs))], dtype=torch.float64)
@@ -270,127 +257,61 @@ class AGRADETrainer:
         out["loss"] = -out["score"]  # placeholder key for early_stop_key=loss compat: lower is better
         return out
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-    def _meta(self) -> dict[str, Any]:
-        return {"alg_name": "AGRADE", "config": _jsonable(self.config.to_dict())}
+    def history_entry(self, val: dict[str, float]) -> dict[str, Any]:
+        scalars = self.nets.per_module_scalars()
+        entry = {"step": self.step, "val": _round(val), "wall_s": round(self.state["train_wall_s"], 1),
+                 "eta": _round({k: v["eta"] for k, v in scalars.items()}),
+                 "log_lambda": _round({k: v["log_lambda"] for k, v in scalars.items()})}
+        if self.nets.log_mu_params is not None:
+            entry["log_mu"] = _round({k: v["log_mu"] for k, v in scalars.items()})
+        return entry
 
-    def save_checkpoint(self) -> Path:
-        return save_training_checkpoint(self.out / "checkpoints", self.step, self.nets.state_dict(),
-                                        self.opt.state_dict(), dict(self.state), model_metadata=self._meta())
+    # -- loop hooks, checkpoints, export -------------------------------------------------------------------
+    def train_log_stats(self, window: Sequence[dict[str, float]]) -> dict[str, float]:
+        return _round(window[-1])
 
-    def load_checkpoint(self) -> bool:
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            return False
-        model_state, _meta, opt_state, state = load_training_checkpoint(path)
-        self.nets.load_state_dict(model_state, strict=True)
-        if opt_state is not None:
-            self.opt.load_state_dict(opt_state)
-        self.step = int(state.pop("step"))
-        self.state.update(state)
-        self.log(f"resumed from {path} at step {self.step}")
-        return True
+    def progress_postfix(self, stats: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{stats['loss']:.3f}", "es": f"{stats['es']:.2f}", "gs": f"{stats['gs']:.2f}",
+                "ls": f"{stats['ls']:.2f}"}
+
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.step, **{k: self.state[k] for k in ("best", "best_step", "stopped_early")}}
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"alg_name": "AGRADE", "config": jsonable(self.config.to_dict())}
+
+    def archive_metrics(self, val: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+        return _round(val)
+
+    def training_facts(self, metrics: dict | None = None) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.config.seed, "n_edits": self.config.n_edits,
+                "train_data": self.config.train_data, "val_data": self.config.val_data,
+                "val_size": len(self.val_records), "metrics": metrics,
+                "train_wall_s": self.state["train_wall_s"]}
+
+    def write_archive(self, path: Path, facts: dict[str, Any]) -> None:
+        save_archive(path, self.nets, self.model, self.config, facts)
 
     def export_best(self, metrics: dict[str, float]) -> None:
-        training = {"step": self.step, "seed": self.config.seed, "n_edits": self.config.n_edits,
-                    "train_data": self.config.train_data, "val_data": self.config.val_data,
-                    "val_size": len(self.val_records), "metrics": metrics,
-                    "train_wall_s": self.state["train_wall_s"]}
-        save_archive(self.out / "best.safetensors", self.nets, self.model, self.config, training)
-        save_json(self.out / "best.json", training)
-
-    # -- loop ------------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg, main = self.config, self.coll.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_json(self.out / "config.json", _jsonable(cfg.to_dict()))
-        self.coll.barrier()
-        if self.resume:
-            self.load_checkpoint()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="AGRADE train", dynamic_ncols=True,
-                       mininterval=5.0)
-        key = cfg.early_stop_key
-        while self.step < self.max_steps and not self.state["stopped_early"]:
-            t0 = time.perf_counter()
-            idx = self.batch_indices(self.step)
-            stats = self.train_step([self.train_records[i] for i in idx])
-            self.step += 1
-            self.state["train_wall_s"] += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", es=f"{stats['es']:.2f}", gs=f"{stats['gs']:.2f}",
-                                ls=f"{stats['ls']:.2f}")
-            if self.step % 10 == 0 or self.step == 1:
-                self.log(json.dumps({"step": self.step, "train": _round(stats),
-                                     "wall_s": round(self.state["train_wall_s"], 1)}))
-            if cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps) \
-                    and not main:  # rank 0 validates; the others take its decisions
-                self.state = self.coll.broadcast_object(self.state)
-            elif cfg.val_every > 0 and (self.step % cfg.val_every == 0 or self.step == self.max_steps):
-                val = self.validate()
-                value = val[key] if key != "loss" else val["loss"]
-                better_is_higher = key != "loss"
-                best = self.state["best"]
-                improved = best is None or (value > best if better_is_higher else value < best)
-                entry = {"step": self.step, "val": _round(val), "wall_s": round(self.state["train_wall_s"], 1),
-                         "eta": _round({k: v["eta"] for k, v in self.nets.per_module_scalars().items()}),
-                         "log_lambda": _round({k: v["log_lambda"]
-                                               for k, v in self.nets.per_module_scalars().items()})}
-                if self.nets.log_mu_params is not None:
-                    entry["log_mu"] = _round({k: v["log_mu"] for k, v in self.nets.per_module_scalars().items()})
-                self.state["history"].append(entry)
-                self.log(json.dumps(entry))
-                if improved:
-                    self.state.update(best=value, best_step=self.step, bad_evals=0)
-                    self.export_best(_round(val))
-                else:
-                    self.state["bad_evals"] += 1
-                    if self.state["bad_evals"] >= cfg.patience:
-                        self.state["stopped_early"] = True
-                        self.log(f"early stopping at step {self.step}: no {key} improvement in {cfg.patience} "
-                                 "validations")
-                if self.coll.is_distributed:
-                    self.state = self.coll.broadcast_object(self.state)
-            if main and cfg.checkpoint_every > 0 and (self.step % cfg.checkpoint_every == 0
-                                                      or self.step == self.max_steps
-                                                      or self.state["stopped_early"]):
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        self.coll.barrier()
-        return {"step": self.step, **{k: self.state[k] for k in ("best", "best_step", "stopped_early")}}
+        self.export("best", metrics)
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:
     return {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="easyedit-agrade train",
-                                description="Train an AGRADE hypernetwork (resumable; see docs/agrade.md).")
-    p.add_argument("config", help="training hparams YAML, e.g. hparams/TRAINING/AGRADE/smollm2-135m.yaml")
-    p.add_argument("--out", help="output folder for checkpoints and best.safetensors (default: results_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest.json")
-    p.add_argument("--max-steps", type=int, help="override max_steps")
-    p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument("--n-edits", type=int, help="override n_edits (edits per step)")
-    p.add_argument("--val-every", type=int, help="override val_every")
-    p.add_argument("--preset", choices=["agrade", "malmen"], help="override preset")
-    p.add_argument("--init-from", metavar="ARCHIVE", help="start from this trained archive (sets init_archive)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any hparam (YAML value), e.g. --set use_weight_projection=false")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p
+    return trainer_arg_parser(
+        alg="AGRADE", prog="easyedit-agrade train",
+        description="Train an AGRADE hypernetwork (resumable; see docs/agrade.md).",
+        out_help="output folder for checkpoints and best.safetensors (default: results_dir)",
+        set_help="override any hparam (YAML value), e.g. --set use_weight_projection=false",
+        after_seed=[(["--n-edits"], dict(type=int, help="override n_edits (edits per step)")),
+                    (["--val-every"], dict(type=int, help="override val_every")),
+                    (["--preset"], dict(choices=["agrade", "malmen"], help="override preset")),
+                    (["--init-from"], dict(metavar="ARCHIVE",
+                                           help="start from this trained archive (sets init_archive)"))],
+        after_threads=[(["--no-progress"], dict(action="store_true", help="no tqdm bar"))])
 
 
 def load_training_config(path: str, overrides: dict[str, Any]) -> AGRADETrainingHyperParams:
@@ -398,34 +319,23 @@ def load_training_config(path: str, overrides: dict[str, Any]) -> AGRADETraining
     return AGRADETrainingHyperParams.from_hparams(path, overrides)
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``easyedit-agrade train``; returns a process exit code."""
-    from ...hparams import parse_set_overrides
+def _option_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    return [("n_edits", args.n_edits), ("val_every", args.val_every), ("preset", args.preset),
+            ("init_archive", args.init_from)]
 
-    args = build_arg_parser().parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        overrides = parse_set_overrides(args.set)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    for k, v in (("max_steps", args.max_steps), ("seed", args.seed), ("n_edits", args.n_edits),
-                 ("val_every", args.val_every), ("preset", args.preset), ("init_archive", args.init_from)):
-        if v is not None:
-            overrides[k] = v
-    cfg = load_training_config(args.config, overrides)
-    out = args.out or cfg.results_dir
+
+def _start(cfg: AGRADETrainingHyperParams, args: argparse.Namespace) -> int:
     from ...distributed.collective import init_from_env
 
     coll = init_from_env()  # torchrun / accelerate launch: one process per rank, gloo on CPU, NCCL on GPU
-    trainer = AGRADETrainer(cfg, out_dir=out, resume=args.resume, progress=not args.no_progress,
-                            log=lambda s: print(s, flush=True), collective=coll)
-    t0 = time.time()
-    summary = trainer.run()
-    summary["wall_s_this_run"] = round(time.time() - t0, 1)
-    if coll.is_main:
-        print(json.dumps(summary), flush=True)
-    return 0
+    trainer = AGRADETrainer(cfg, out_dir=args.out or cfg.results_dir, resume=args.resume,
+                            progress=not args.no_progress, log=lambda s: print(s, flush=True), collective=coll)
+    return run_and_report(trainer)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``easyedit-agrade train``; returns a process exit code."""
+    return train_cli(argv, build_arg_parser(), load_training_config, _option_overrides, _start)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,16 +15,17 @@ One update on ``n_edits`` drawn edits (task, record, description index: a pure f
 ``accumulate`` updates make one Adam step (clipped). Validation every ``val_every`` steps edits ``val_per_task``
 held-out records of every training task one at a time and reports Reliability / Generalization / Locality;
 the best editor (mean over tasks of the three) is exported to ``<out>/best.safetensors``. Checkpoints (atomic,
-safetensors + JSON) every ``checkpoint_every`` steps; ``--resume`` continues from the latest one.
+safetensors + JSON) every ``checkpoint_every`` steps; ``--resume`` continues from the latest one. The loop,
+checkpoints, exports and the shared command-line options are
+:class:`~easyedit_agrade.core.editor_trainer.EditorTrainer`'s; this module supplies the update, the validation
+and the archive.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ...core.cache import grad_only_for
-from ...core.checkpoint import latest_checkpoint, load_training_checkpoint, save_json, save_training_checkpoint
+from ...core.editor_trainer import EditorTrainer, run_and_report, train_cli, trainer_arg_parser
+from ...distributed.collective import Collective
 from .archive import save_archive
 from .editor import InstructEditEditor, build_networks, delta_hooks
 from .instructedit_eval import evaluate_task, make_probe
@@ -55,28 +57,23 @@ def load_task_data(cfg: InstructEditTrainingHyperParams) -> tuple[dict[str, list
     return train, val
 
 
-class InstructEditTrainer:
+class InstructEditTrainer(EditorTrainer):
     """EasyEdit-style trainer: ``InstructEditTrainer(config, train_set, val_set).run()``.
 
-    ``train_set``/``val_set``: ``{task: [TaskRecord]}`` (None: the shared data named by the config).
+    ``train_set``/``val_set``: ``{task: [TaskRecord]}`` (None: the shared data named by the config). One process
+    (no data parallelism), no progress bar; a run ends with a validation of its last step, a checkpoint and
+    ``last.safetensors``.
     """
+
+    final_round_after_loop = True
 
     def __init__(self, config: InstructEditTrainingHyperParams, train_set: dict | None = None,
                  val_set: dict | None = None, *, model=None, tok=None, out_dir: str | None = None,
                  resume: bool = False, max_steps: int | None = None, log=print,
                  instructions: InstructionSet | None = None) -> None:
-        self.config = cfg = config
-        self.out = Path(out_dir or cfg.results_dir)
-        self.resume = resume
-        self.max_steps = int(max_steps if max_steps is not None else cfg.max_steps)
-        self.log = log
-        if model is None or tok is None:
-            from ...lm import load_model_and_tokenizer
-
-            model, tok = load_model_and_tokenizer(str(cfg.model_name),
-                                                  dtype=torch.float64 if cfg.editor_dtype == "float64" else None)
-        self.model, self.tok = model, tok
-        self.model.eval()
+        super().__init__(config, collective=Collective(), model=model, tok=tok, out_dir=out_dir, resume=resume,
+                         max_steps=max_steps, progress=False, log=log)
+        cfg, model = config, self.model
         self.instructions = instructions or (load_instructions(cfg.instructions_path) if cfg.use_instruction else None)
         if train_set is None or val_set is None:
             tr, va = load_task_data(cfg)
@@ -85,17 +82,11 @@ class InstructEditTrainer:
         self.train_set, self.val_set = train_set, val_set
         self.sampler = MultiTaskSampler(train_set, balance=cfg.balance, task_weights=cfg.task_weights, seed=cfg.seed,
                                         instructions=self.instructions, use_instruction=cfg.use_instruction)
-        self.nets = build_networks(model, cfg, seed=cfg.seed)
-        dtype = torch.float64 if cfg.editor_dtype == "float64" else torch.float32
-        self.nets.to(dtype=dtype, device=next(model.parameters()).device)
-        self.nets.train()
-        self.editor = InstructEditEditor(model, tok, cfg, self.nets)
-        if cfg.train_lower_dtype:
-            self.editor.use_lower_dtype(getattr(torch, cfg.train_lower_dtype))
+        self.nets = self.place_networks(build_networks(model, cfg, seed=cfg.seed))
+        self.editor = InstructEditEditor(model, self.tok, cfg, self.nets)
+        self.use_train_lower_dtype(self.editor)
         groups = self.nets.param_groups(cfg.lr, cfg.lr_lr, 0.0)
         self.opt = torch.optim.Adam([g for g in groups if g["name"] != "lambda"])
-        self.step = 0
-        self.state: dict[str, Any] = {"best": None, "best_step": None, "history": [], "train_wall_s": 0.0}
 
     # -- one update ------------------------------------------------------------------------------------------
     def _pairs(self, draws: Sequence[tuple[TaskRecord, int]]):
@@ -150,7 +141,12 @@ class InstructEditTrainer:
                 "edit_loss": float(edit_loss.detach()), "loc_loss": float(loc_loss.detach()), "es": es, "gs": gs, "ls": ls,
                 "delta_norm": float(sum(float(d.detach().norm()) ** 2 for d in deltas.values()) ** 0.5)}
 
+    def run_step(self) -> dict[str, float]:
+        return self.train_step()
+
     def train_step(self) -> dict[str, float]:
+        """``accumulate`` updates on the draws of step ``self.step``, clipping, Adam (skipped on a non-finite
+        gradient norm)."""
         cfg = self.config
         self.opt.zero_grad(set_to_none=True)
         stats: list[dict[str, float]] = []
@@ -180,24 +176,28 @@ class InstructEditTrainer:
             scores.append(sum(vals) / len(vals) if vals else 0.0)
         return {"score": sum(scores) / max(len(scores), 1), "tasks": per_task}
 
-    # -- checkpoints -----------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        return save_training_checkpoint(self.out / "checkpoints", self.step, self.nets.state_dict(),
-                                        self.opt.state_dict(), dict(self.state),
-                                        model_metadata={"alg_name": "InstructEdit"})
+    def history_entry(self, val: dict[str, Any]) -> dict[str, Any]:
+        return {"step": self.step, "score": round(val["score"], 3),
+                "tasks": {t: {k: round(v, 2) for k, v in m.items() if v == v} for t, m in val["tasks"].items()},
+                "wall_s": round(self.state["train_wall_s"], 1)}
 
-    def load_checkpoint(self) -> bool:
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            return False
-        model_state, _m, opt_state, state = load_training_checkpoint(path)
-        self.nets.load_state_dict(model_state, strict=True)
-        if opt_state is not None:
-            self.opt.load_state_dict(opt_state)
-        self.step = int(state.pop("step"))
-        self.state.update(state)
-        self.log(f"resumed from {path.name} at step {self.step}")
-        return True
+    def validation_log_line(self, entry: dict[str, Any]) -> str:
+        return json.dumps({"val": entry})
+
+    # -- loop hooks, checkpoints, export -------------------------------------------------------------------------
+    def on_start(self) -> None:
+        self.log(json.dumps({"start_step": self.step, "proportions": self.sampler.proportions(),
+                             "train_sizes": {t: len(r) for t, r in self.train_set.items()}}))
+
+    def train_log_stats(self, window: Sequence[dict[str, float]]) -> dict[str, float]:
+        return {k: round(_nanmean([s[k] for s in window]), 4) for k in window[0]}
+
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.step, "best": self.state["best"], "best_step": self.state["best_step"],
+                "train_wall_s": round(self.state["train_wall_s"], 1)}
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"alg_name": "InstructEdit"}
 
     def training_facts(self, metrics: dict | None = None) -> dict[str, Any]:
         cfg = self.config
@@ -207,57 +207,8 @@ class InstructEditTrainer:
                 "proportions": {k: round(v, 4) for k, v in self.sampler.proportions().items()},
                 "lr": cfg.lr, "train_wall_s": round(self.state["train_wall_s"], 1), "val": metrics or {}}
 
-    def export(self, name: str = "best", metrics: dict | None = None) -> Path:
-        path = self.out / f"{name}.safetensors"
-        facts = self.training_facts(metrics)
+    def write_archive(self, path: Path, facts: dict[str, Any]) -> None:
         save_archive(path, self.nets, self.model, self.config, facts)
-        save_json(self.out / f"{name}.json", facts)
-        return path
-
-    # -- loop ------------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_json(self.out / "config.json", json.loads(json.dumps(cfg.to_dict(), default=str)))
-        if self.resume:
-            self.load_checkpoint()
-        self.log(json.dumps({"start_step": self.step, "proportions": self.sampler.proportions(),
-                             "train_sizes": {t: len(r) for t, r in self.train_set.items()}}))
-        window: list[dict[str, float]] = []
-        while self.step < self.max_steps:
-            if cfg.max_wall_s is not None and self.state["train_wall_s"] >= cfg.max_wall_s:
-                self.log(f"wall-time budget {cfg.max_wall_s}s reached at step {self.step}")
-                break
-            t0 = time.perf_counter()
-            stats = self.train_step()
-            self.step += 1
-            self.state["train_wall_s"] += time.perf_counter() - t0
-            window.append(stats)
-            if self.step % 10 == 0 or self.step == 1:
-                avg = {k: round(_nanmean([s[k] for s in window]), 4) for k in window[0]}
-                self.log(json.dumps({"step": self.step, "train": avg, "wall_s": round(self.state["train_wall_s"], 1)}))
-                window = []
-            if cfg.val_every > 0 and self.step % cfg.val_every == 0:
-                self._validate_and_export()
-            if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-        if cfg.val_every > 0 and (not self.state["history"] or self.state["history"][-1]["step"] != self.step):
-            self._validate_and_export()
-        self.save_checkpoint()
-        self.export("last")
-        return {"step": self.step, "best": self.state["best"], "best_step": self.state["best_step"],
-                "train_wall_s": round(self.state["train_wall_s"], 1)}
-
-    def _validate_and_export(self) -> None:
-        val = self.validate()
-        entry = {"step": self.step, "score": round(val["score"], 3),
-                 "tasks": {t: {k: round(v, 2) for k, v in m.items() if v == v} for t, m in val["tasks"].items()},
-                 "wall_s": round(self.state["train_wall_s"], 1)}
-        self.state["history"].append(entry)
-        self.log(json.dumps({"val": entry}))
-        if self.state["best"] is None or val["score"] > self.state["best"]:
-            self.state.update(best=val["score"], best_step=self.step)
-            self.export("best", entry)
 
 
 def _nanmean(xs: Sequence[float]) -> float:
@@ -266,22 +217,19 @@ def _nanmean(xs: Sequence[float]) -> float:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="easyedit-agrade train --alg InstructEdit",
-                                description="Train an InstructEdit (or multi-task MEND) editor; resumable.")
-    p.add_argument("config", help="training hparams YAML, e.g. hparams/TRAINING/InstructEdit/smollm2-135m.yaml")
-    p.add_argument("--out", help="output folder (default: results_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest.json")
-    p.add_argument("--max-steps", type=int, help="override max_steps")
-    p.add_argument("--max-wall-s", type=float, help="stop after this much training wall time (seconds)")
-    p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument("--tasks", help="comma-separated training tasks (e.g. counterfact for a single-task editor)")
-    p.add_argument("--no-instruction", action="store_true", help="multi-task MEND: never wrap prompts")
-    p.add_argument("--no-balance", action="store_true", help="natural task proportions instead of balanced")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any hparam (YAML value)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--export-only", action="store_true",
-                   help="no training: export the latest checkpoint as <out>/last.safetensors and exit")
-    return p
+    return trainer_arg_parser(
+        alg="InstructEdit", prog="easyedit-agrade train --alg InstructEdit",
+        description="Train an InstructEdit (or multi-task MEND) editor; resumable.",
+        out_help="output folder (default: results_dir)", set_help="override any hparam (YAML value)",
+        after_max_steps=[(["--max-wall-s"], dict(type=float,
+                                                 help="stop after this much training wall time (seconds)"))],
+        after_seed=[(["--tasks"], dict(help="comma-separated training tasks (e.g. counterfact for a single-task "
+                                            "editor)")),
+                    (["--no-instruction"], dict(action="store_true", help="multi-task MEND: never wrap prompts")),
+                    (["--no-balance"], dict(action="store_true",
+                                            help="natural task proportions instead of balanced"))],
+        after_threads=[(["--export-only"], dict(action="store_true", help="no training: export the latest "
+                                                "checkpoint as <out>/last.safetensors and exit"))])
 
 
 def load_training_config(path: str, overrides: dict[str, Any]) -> InstructEditTrainingHyperParams:
@@ -289,27 +237,14 @@ def load_training_config(path: str, overrides: dict[str, Any]) -> InstructEditTr
     return InstructEditTrainingHyperParams.from_hparams(path, overrides)
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``easyedit-agrade train --alg InstructEdit``; returns a process exit code."""
-    from ...hparams import parse_set_overrides
+def _option_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return [("max_wall_s", args.max_wall_s), ("tasks", tasks),
+            ("use_instruction", False if args.no_instruction else None),
+            ("balance", False if args.no_balance else None)]
 
-    args = build_arg_parser().parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        overrides = parse_set_overrides(args.set)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    for k, v in (("max_steps", args.max_steps), ("seed", args.seed), ("max_wall_s", args.max_wall_s)):
-        if v is not None:
-            overrides[k] = v
-    if args.tasks:
-        overrides["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.no_instruction:
-        overrides["use_instruction"] = False
-    if args.no_balance:
-        overrides["balance"] = False
-    cfg = load_training_config(args.config, overrides)
+
+def _start(cfg: InstructEditTrainingHyperParams, args: argparse.Namespace) -> int:
     trainer = InstructEditTrainer(cfg, out_dir=args.out, resume=args.resume, log=lambda s: print(s, flush=True))
     if args.export_only:
         if not trainer.load_checkpoint():
@@ -317,11 +252,12 @@ def train_main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps({"exported": str(trainer.export("last")), "step": trainer.step}), flush=True)
         return 0
-    t0 = time.time()
-    summary = trainer.run()
-    summary["wall_s_this_run"] = round(time.time() - t0, 1)
-    print(json.dumps(summary), flush=True)
-    return 0
+    return run_and_report(trainer)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``easyedit-agrade train --alg InstructEdit``; returns a process exit code."""
+    return train_cli(argv, build_arg_parser(), load_training_config, _option_overrides, _start)
 
 
 if __name__ == "__main__":  # pragma: no cover
