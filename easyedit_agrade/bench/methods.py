@@ -25,21 +25,15 @@ import yaml
 
 from ..integration.preloaded import RIGHT_PADDING_ALGS  # noqa: F401  (re-exported; one list for every caller)
 from ..paths import REPO_ROOT
+from ..registry import METHODS as REGISTRY
 
 #: where the shipped hparams live (``hparams/<METHOD>/<model>.yaml``)
 HPARAMS_DIR = REPO_ROOT / "hparams"
 MODEL_HPARAMS_NAME = "smollm2-135m"
 
-#: alg_name -> (module, hyperparameter class)
-HPARAMS_CLASSES: dict[str, tuple[str, str]] = {
-    "AGRADE": ("easyedit_agrade.models.agrade.agrade_hparams", "AGRADEHyperParams"),
-    "InstructEdit": ("easyedit_agrade.models.instructedit.instructedit_hparams", "InstructEditHyperParams"),
-    "FT": ("easyeditor", "FTHyperParams"),
-    "LoRA": ("easyeditor", "LoRAHyperParams"),
-    "MEND": ("easyeditor", "MENDHyperParams"),
-    "ROME": ("easyeditor", "ROMEHyperParams"),
-    "MEMIT": ("easyeditor", "MEMITHyperParams"),
-}
+#: alg_name -> (module, hyperparameter class) of this plugin's methods (from the one method table); EasyEdit's own
+#: baselines (FT, LoRA, MEND, ROME, MEMIT, ...) are loaded by ``integration.baselines.load_easyedit_hparams``
+HPARAMS_CLASSES: dict[str, tuple[str, str]] = {m.alg_name: (m.hparams_module, m.hparams_class) for m in REGISTRY}
 
 
 #: EasyEdit's single-edit methods (its ``SingletonEditor``)
@@ -94,15 +88,14 @@ def load_hparams(spec: MethodSpec, hparams_dir: Path | None = None, *, extra: di
         config = yaml.safe_load(f) or {}
     config.update(dict(spec.overrides))
     config.update(extra or {})
-    module, cls_name = HPARAMS_CLASSES.get(spec.alg_name, (None, None))
-    if module is None:
-        raise ValueError(f"{spec.name}: no hyperparameter class known for alg_name {spec.alg_name!r}")
-    cls = getattr(importlib.import_module(module), cls_name)
-    if hasattr(cls, "from_dict"):  # our validated dataclasses
-        return cls.from_dict(config, source=str(path.name))
+    if spec.alg_name in HPARAMS_CLASSES:  # our validated dataclasses
+        module, cls_name = HPARAMS_CLASSES[spec.alg_name]
+        return getattr(importlib.import_module(module), cls_name).from_dict(config, source=str(path.name))
     # EasyEdit's own classes: the integration layer handles keys that only one EasyEdit generation knows
-    from ..integration.baselines import load_easyedit_hparams
+    from ..integration.baselines import HPARAMS_CLASSES as EASYEDIT_HPARAMS_CLASSES, load_easyedit_hparams
 
+    if spec.alg_name not in EASYEDIT_HPARAMS_CLASSES:
+        raise ValueError(f"{spec.name}: no hyperparameter class known for alg_name {spec.alg_name!r}")
     hparams = load_easyedit_hparams(path)
     for key, value in {**dict(spec.overrides), **(extra or {})}.items():
         setattr(hparams, key, value)
