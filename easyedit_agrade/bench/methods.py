@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
+from ..integration.easyedit_editor import base_editor_on_loaded_model as make_editor  # noqa: F401  (the bench's name)
 from ..integration.preloaded import RIGHT_PADDING_ALGS  # noqa: F401  (re-exported; one list for every caller)
 from ..paths import REPO_ROOT
 from ..registry import METHODS as REGISTRY
@@ -118,7 +119,7 @@ def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
 def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
                    notes: list[str]) -> Iterator[None]:
     """Scoped compatibility shims a baseline needs on this stack (each one named in ``notes``)."""
-    from . import compat
+    from ..integration import baseline_compat as compat
 
     with contextlib.ExitStack() as stack:
         if getattr(hparams, "_easyedit_agrade_added_model_parallel", False):
@@ -188,28 +189,3 @@ def apply_edits(editor: Any, requests: Sequence[dict], mode: str,
         if on_progress is not None:
             on_progress(i + 1)
     return model
-
-
-def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
-    """``BaseEditor`` on an already-loaded model, built from a *copy* of ``hparams`` (whose ``model_name``
-    becomes a :class:`PreloadedModel`): EasyEdit writes into the hparams it is given (``BaseEditor.edit`` sets
-    ``batch_size = 1``, ``model_parallel`` rewrites ``device``), and the caller's object must not change.
-    Use ``editor.hparams`` afterwards."""
-    import copy
-
-    from ..integration.cpu_compat import cuda_on_cpu
-    from ..integration.easyedit import register
-    from ..integration.preloaded import PreloadedModel
-
-    from .compat import ensure_model_parallel_field
-
-    register()
-    hparams = copy.deepcopy(hparams)
-    if ensure_model_parallel_field(hparams):
-        hparams._easyedit_agrade_added_model_parallel = True
-    editor_mod = importlib.import_module("easyeditor.editors.editor")
-    hparams.model_name = PreloadedModel(model_alias, model, tok)
-    with cuda_on_cpu():
-        editor = editor_mod.BaseEditor.from_hparams(hparams)
-    # the padding side for hparams.alg_name is set by BaseEditor itself (integration.preloaded.patch_base_editor)
-    return editor
