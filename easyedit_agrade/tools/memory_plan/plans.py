@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .byte_terms import (
-    STREAMED_SOLVE_BYTES, adam_state_bytes, apply_bytes, cache_bytes, cache_pass_activation_bytes, delta_bytes,
+    adam_state_bytes, apply_bytes, cache_bytes, cache_pass_activation_bytes, delta_bytes,
     delta_leaf_bytes, dtype_bytes, g_rows_bytes, gram_workspace_bytes, hidden_stash_bytes, hypernet_bytes,
     hypernet_grad_bytes, hypernet_workspace_bytes, kept_factor_bytes, kept_rows_bytes, logits_bytes,
     loss_pass_activation_bytes, lower_copy_bytes, lower_copy_setup_bytes, lower_pass_bytes, observe_bytes,
