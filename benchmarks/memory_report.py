@@ -1,4 +1,4 @@
-"""Predicted per-rank peak memory of AGRADE editing and training (``easyedit_agrade.distributed.memory_plan``).
+"""Predicted per-rank peak memory of AGRADE editing and training (``easyedit_agrade.tools.memory_plan``).
 
 For each model (``--model``: gpt-j-6b, llama-2-7b, mistral-7b, smollm2-135m, or ``--config path/config.json`` of
 any LLaMA-type / GPT-J / GPT-2 Hugging Face model) and each data-parallel world size, prints a Markdown table of
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from easyedit_agrade.distributed.memory_plan import (  # noqa: E402
+from easyedit_agrade.tools.memory_plan import (  # noqa: E402
     EDIT_PHASES, MODELS, STEP_PHASES, TRAIN_PHASES, ModelSpec, Workload, editing_plan, fmt_bytes, markdown_table,
     training_plan)
 

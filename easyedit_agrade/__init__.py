@@ -10,8 +10,9 @@ import importlib
 import os
 from typing import Any
 
-__version__ = "0.1.0"
+from .registry import lazy_exports
 
+__version__ = "0.1.0"
 
 
 def register(force: bool = False) -> bool:
@@ -21,15 +22,10 @@ def register(force: bool = False) -> bool:
     return _register(force=force)
 
 
-# public name -> module that defines it (imported on first attribute access)
+# public name -> module that defines it (imported on first attribute access); the methods' names come from the
+# one method table (registry.py)
 _LAZY = {
-    "AGRADEHyperParams": "easyedit_agrade.models.agrade.agrade_hparams",
-    "AGRADETrainingHyperParams": "easyedit_agrade.models.agrade.agrade_hparams",
-    "apply_agrade_to_model": "easyedit_agrade.models.agrade",
-    "AGRADETrainer": "easyedit_agrade.models.agrade",
-    "InstructEditHyperParams": "easyedit_agrade.models.instructedit.instructedit_hparams",
-    "apply_instructedit_to_model": "easyedit_agrade.models.instructedit",
-    "InstructEditTrainer": "easyedit_agrade.models.instructedit",
+    **lazy_exports(),
     "cuda_on_cpu": "easyedit_agrade.integration.cpu_compat",
     "as_easyedit_model_name": "easyedit_agrade.integration.preloaded",
     "PreloadedModel": "easyedit_agrade.integration.preloaded",

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "compute/cache the key statistics C₀ of AGRADE's preserved-knowledge term for an hparams YAML",
     ),
     "demo": (
-        "easyedit_agrade.demo",
+        "easyedit_agrade.tools.demo",
         "demo_main",
         "the main job: batch-edit facts in the embedded model through EasyEdit and show before/after",
     ),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import types
 import typing
 from pathlib import Path
@@ -21,7 +20,12 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
-DISABLE_EASYEDIT_ENV = "EASYEDIT_AGRADE_NO_EASYEDIT"
+# EasyEdit's side lives in the integration layer (DISABLE_EASYEDIT_ENV and easyedit_available re-exported here)
+from .integration.easyedit_hparams_base import (  # noqa: F401
+    DISABLE_EASYEDIT_ENV,
+    easyedit_available,
+    easyedit_hyperparams_class,
+)
 
 
 class HyperParamsError(ValueError):
@@ -69,27 +73,9 @@ class _StandaloneHyperParams:
         return config
 
 
-def easyedit_available() -> bool:
-    """True when ``easyeditor`` can be imported (and has not been disabled through the environment)."""
-    if os.environ.get(DISABLE_EASYEDIT_ENV, "") not in ("", "0"):
-        return False
-    if "easyeditor" in sys.modules:
-        return sys.modules["easyeditor"] is not None
-    import importlib.util
-
-    return importlib.util.find_spec("easyeditor") is not None
-
-
 def hyperparams_base() -> type:
     """EasyEdit's ``HyperParams`` when importable, else the standalone stand-in."""
-    if easyedit_available():
-        try:
-            import importlib
-
-            return importlib.import_module("easyeditor.util.hparams").HyperParams
-        except Exception:  # a broken EasyEdit install must not break our own code paths
-            pass
-    return _StandaloneHyperParams
+    return easyedit_hyperparams_class() or _StandaloneHyperParams
 
 
 def _type_name(tp: Any) -> str:

@@ -5,10 +5,10 @@ import argparse
 import importlib
 from typing import Sequence
 
-TRAINERS = {
-    "AGRADE": "easyedit_agrade.models.agrade.agrade_trainer",
-    "InstructEdit": "easyedit_agrade.models.instructedit.instructedit_trainer",
-}
+from .registry import METHODS
+
+#: alg_name -> module whose ``train_main(argv)`` trains that method (from the one method table)
+TRAINERS = {m.alg_name: m.trainer_module for m in METHODS}
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

@@ -23,23 +23,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
+from ..integration.easyedit_editor import base_editor_on_loaded_model as make_editor  # noqa: F401  (the bench's name)
 from ..integration.preloaded import RIGHT_PADDING_ALGS  # noqa: F401  (re-exported; one list for every caller)
 from ..paths import REPO_ROOT
+from ..registry import METHODS as REGISTRY
 
 #: where the shipped hparams live (``hparams/<METHOD>/<model>.yaml``)
 HPARAMS_DIR = REPO_ROOT / "hparams"
 MODEL_HPARAMS_NAME = "smollm2-135m"
 
-#: alg_name -> (module, hyperparameter class)
-HPARAMS_CLASSES: dict[str, tuple[str, str]] = {
-    "AGRADE": ("easyedit_agrade.models.agrade.agrade_hparams", "AGRADEHyperParams"),
-    "InstructEdit": ("easyedit_agrade.models.instructedit.instructedit_hparams", "InstructEditHyperParams"),
-    "FT": ("easyeditor", "FTHyperParams"),
-    "LoRA": ("easyeditor", "LoRAHyperParams"),
-    "MEND": ("easyeditor", "MENDHyperParams"),
-    "ROME": ("easyeditor", "ROMEHyperParams"),
-    "MEMIT": ("easyeditor", "MEMITHyperParams"),
-}
+#: alg_name -> (module, hyperparameter class) of this plugin's methods (from the one method table); EasyEdit's own
+#: baselines (FT, LoRA, MEND, ROME, MEMIT, ...) are loaded by ``integration.baselines.load_easyedit_hparams``
+HPARAMS_CLASSES: dict[str, tuple[str, str]] = {m.alg_name: (m.hparams_module, m.hparams_class) for m in REGISTRY}
 
 
 #: EasyEdit's single-edit methods (its ``SingletonEditor``)
@@ -99,15 +94,14 @@ def load_hparams(spec: MethodSpec, hparams_dir: Path | None = None, *, extra: di
         config = yaml.safe_load(f) or {}
     config.update(dict(spec.overrides))
     config.update(extra or {})
-    module, cls_name = HPARAMS_CLASSES.get(spec.alg_name, (None, None))
-    if module is None:
-        raise ValueError(f"{spec.name}: no hyperparameter class known for alg_name {spec.alg_name!r}")
-    cls = getattr(importlib.import_module(module), cls_name)
-    if hasattr(cls, "from_dict"):  # our validated dataclasses
-        return cls.from_dict(config, source=str(path.name))
+    if spec.alg_name in HPARAMS_CLASSES:  # our validated dataclasses
+        module, cls_name = HPARAMS_CLASSES[spec.alg_name]
+        return getattr(importlib.import_module(module), cls_name).from_dict(config, source=str(path.name))
     # EasyEdit's own classes: the integration layer handles keys that only one EasyEdit generation knows
-    from ..integration.baselines import load_easyedit_hparams
+    from ..integration.baselines import HPARAMS_CLASSES as EASYEDIT_HPARAMS_CLASSES, load_easyedit_hparams
 
+    if spec.alg_name not in EASYEDIT_HPARAMS_CLASSES:
+        raise ValueError(f"{spec.name}: no hyperparameter class known for alg_name {spec.alg_name!r}")
     hparams = load_easyedit_hparams(path)
     for key, value in {**dict(spec.overrides), **(extra or {})}.items():
         setattr(hparams, key, value)
@@ -162,7 +156,7 @@ def prepare_statistics(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, 
 def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
                    notes: list[str]) -> Iterator[None]:
     """Scoped compatibility shims a baseline needs on this stack (each one named in ``notes``)."""
-    from . import compat
+    from ..integration import baseline_compat as compat
 
     with contextlib.ExitStack() as stack:
         if getattr(hparams, "_easyedit_agrade_added_model_parallel", False):
@@ -233,28 +227,3 @@ def apply_edits(editor: Any, requests: Sequence[dict], mode: str,
         if on_progress is not None:
             on_progress(i + 1)
     return model
-
-
-def make_editor(hparams: Any, model: Any, tok: Any, model_alias: str) -> Any:
-    """``BaseEditor`` on an already-loaded model, built from a *copy* of ``hparams`` (whose ``model_name``
-    becomes a :class:`PreloadedModel`): EasyEdit writes into the hparams it is given (``BaseEditor.edit`` sets
-    ``batch_size = 1``, ``model_parallel`` rewrites ``device``), and the caller's object must not change.
-    Use ``editor.hparams`` afterwards."""
-    import copy
-
-    from ..integration.cpu_compat import cuda_on_cpu
-    from ..integration.easyedit import register
-    from ..integration.preloaded import PreloadedModel
-
-    from .compat import ensure_model_parallel_field
-
-    register()
-    hparams = copy.deepcopy(hparams)
-    if ensure_model_parallel_field(hparams):
-        hparams._easyedit_agrade_added_model_parallel = True
-    editor_mod = importlib.import_module("easyeditor.editors.editor")
-    hparams.model_name = PreloadedModel(model_alias, model, tok)
-    with cuda_on_cpu():
-        editor = editor_mod.BaseEditor.from_hparams(hparams)
-    # the padding side for hparams.alg_name is set by BaseEditor itself (integration.preloaded.patch_base_editor)
-    return editor

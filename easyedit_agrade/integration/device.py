@@ -22,7 +22,7 @@ LOG = logging.getLogger(__name__)
 
 def _upstream_loaded() -> bool:
     """True when an upstream EasyEdit (with ``normalize_device``) is imported or importable."""
-    from ..hparams import easyedit_available
+    from .easyedit_hparams_base import easyedit_available
 
     if not easyedit_available():
         return False

@@ -16,13 +16,11 @@ import importlib
 import threading
 from typing import Any, Callable
 
+from ..registry import METHODS as _METHOD_TABLE
 from .preloaded import patch_base_editor
 
 #: EasyEdit ``alg_name`` -> (module, executor function, trainer class) — imported only when called
-METHODS: dict[str, tuple[str, str, str]] = {
-    "AGRADE": ("easyedit_agrade.models.agrade", "apply_agrade_to_model", "AGRADETrainer"),
-    "InstructEdit": ("easyedit_agrade.models.instructedit", "apply_instructedit_to_model", "InstructEditTrainer"),
-}
+METHODS: dict[str, tuple[str, str, str]] = {m.alg_name: (m.package, m.executor, m.trainer_class) for m in _METHOD_TABLE}
 
 _lock = threading.RLock()
 _registered_with: Any = None  # the ALG_DICT object we registered into (a reloaded EasyEdit gets a fresh one)

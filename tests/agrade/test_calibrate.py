@@ -1,4 +1,4 @@
-"""η calibration of a trained archive (``python -m easyedit_agrade.models.agrade.calibrate``): the written archive
+"""η calibration of a trained archive (``python -m easyedit_agrade.tools.agrade_calibrate``): the written archive
 differs from its source only by the chosen η factor / λ shift, the choice respects the constraints, and several
 validation batches are averaged."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 def test_calibrate_scales_eta_and_averages_batches(tmp_path, embedded_model, capsys):
     from easyedit_agrade.core.checkpoint import load_tensors
     from easyedit_agrade.models.agrade.archive import find_archive
-    from easyedit_agrade.models.agrade.calibrate import main
+    from easyedit_agrade.tools.agrade_calibrate import main
     from easyedit_agrade.paths import REPO_ROOT, data_file
 
     try:
@@ -42,6 +42,6 @@ def test_calibrate_scales_eta_and_averages_batches(tmp_path, embedded_model, cap
         else:
             assert torch.equal(after[key], value), key
     with pytest.raises(ValueError, match="val_batches"):
-        from easyedit_agrade.models.agrade.calibrate import evaluate_factors
+        from easyedit_agrade.tools.agrade_calibrate import evaluate_factors
 
         evaluate_factors(str(src), str(REPO_ROOT / "hparams/AGRADE/smollm2-135m"), [None] * 5, [1.0], n_batches=2)

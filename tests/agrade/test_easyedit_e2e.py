@@ -46,7 +46,7 @@ def editor_and_hparams(tmp_path_factory):
 @pytest.mark.slow
 def test_batch_edit_through_base_editor(editor_and_hparams):
     from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
-    from easyedit_agrade.models.agrade.agrade_demo import locality_kwargs, summarize_easyedit_metrics
+    from easyedit_agrade.tools.agrade_demo import locality_kwargs, summarize_easyedit_metrics
 
     editor, hp, shipped = editor_and_hparams
     recs = _data()

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from easyedit_agrade.bench import compat
+from easyedit_agrade.integration import baseline_compat as compat
 
 
 def test_decoder_layers_return_tuples_is_transparent(embedded_model):

@@ -19,7 +19,7 @@ def dp_result():
         load_tokenizer()
     except Exception as exc:  # pragma: no cover - environment without the embedded model
         pytest.skip(f"embedded tokenizer unavailable: {exc}")
-    from easyedit_agrade.distributed.equivalence import check
+    from easyedit_agrade.tools.distributed_equivalence import check
 
     return check({"model": "tiny", "edits": 7, "steps": 2, "dtype": "float32", "hparams": None, "archive": None},
                  world_size=2)

@@ -1,4 +1,4 @@
-"""The memory plan's formulas (``easyedit_agrade.distributed.memory_plan``): hand-computed cases, exact parameter
+"""The memory plan's formulas (``easyedit_agrade.tools.memory_plan``): hand-computed cases, exact parameter
 counts against real modules, world-size scaling, the activation formula against the tensors autograd really saves,
 and one prediction against the measured peak RSS of a tiny LLaMA edit (Linux; fresh subprocess)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from easyedit_agrade.distributed import memory_plan as mp
+from easyedit_agrade.tools import memory_plan as mp
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = mp.MODELS["llama-2-7b"]

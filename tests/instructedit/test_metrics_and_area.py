@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from easyedit_agrade.models.instructedit.editing_area import gram_of_directions, pca_from_gram
+from easyedit_agrade.tools.instructedit_editing_area import gram_of_directions, pca_from_gram
 from easyedit_agrade.models.instructedit.instructedit_eval import ngram_entropy
 
 

@@ -3,7 +3,8 @@
 Laid out like EasyEdit's ``easyeditor/models/<method>/``: ``instructedit_hparams.py``, ``instructedit_main.py``
 (executor), ``instructedit_trainer.py`` (trainer, ``train_main``), ``editor.py`` (the edit: eq. 3 and MEND's
 update), ``instructions.py`` (instructions as data, ``wrap_requests``), ``multitask.py`` (task readers, balanced
-sampling), ``instructedit_eval.py`` (metrics), ``archive.py``, ``editing_area.py`` (the Figure-4 picture).
+sampling), ``instructedit_eval.py`` (metrics), ``archive.py``; the Figure-4 picture is a face
+(``easyedit_agrade.tools.instructedit_editing_area``).
 Imports are lazy so that importing the package stays cheap.
 """
 from __future__ import annotations

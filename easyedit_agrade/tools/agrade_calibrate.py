@@ -9,7 +9,7 @@ counterfact-val, disjoint from the first 1024 that the demo and the report edit)
 scaled η and the calibration recorded in its metadata. k = 1 is always a candidate, so calibration never picks a
 worse network on the validation split.
 
-    python -m easyedit_agrade.models.agrade.calibrate runs/agrade-smollm2/best.safetensors \
+    python -m easyedit_agrade.tools.agrade_calibrate runs/agrade-smollm2/best.safetensors \
         archives/agrade-smollm2-135m-instruct.safetensors --factors 0.7 0.85 1 1.2 1.4
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ def evaluate_factors(archive: str, hparams_path: str, records, factors: Sequence
     """ES/GS/LS/Score of ``archive`` for every (λ shift, η factor), editing ``records`` in ``n_batches`` disjoint
     batches of equal size (each batch edited at once, the model restored in between); the metrics are averaged
     over the batches and Score is the harmonic mean of the averages."""
-    from ...lm import load_model_and_tokenizer
-    from ...evaluate.metrics import harmonic_mean
-    from .agrade_eval import build_probes, evaluate_records
-    from .agrade_hparams import AGRADEHyperParams
-    from .archive import load_networks
-    from ...core.checkpoint import read_metadata
-    from .editor import AGRADEEditor
+    from ..lm import load_model_and_tokenizer
+    from ..evaluate.metrics import harmonic_mean
+    from ..models.agrade.agrade_eval import build_probes, evaluate_records
+    from ..models.agrade.agrade_hparams import AGRADEHyperParams
+    from ..models.agrade.archive import load_networks
+    from ..core.checkpoint import read_metadata
+    from ..models.agrade.editor import AGRADEEditor
 
     base = AGRADEHyperParams.from_hparams(hparams_path)
     meta = read_metadata(archive)
@@ -73,9 +73,9 @@ def evaluate_factors(archive: str, hparams_path: str, records, factors: Sequence
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ...core.checkpoint import load_tensors, save_tensors
-    from ...dataset import read_records
-    from ...paths import data_file
+    from ..core.checkpoint import load_tensors, save_tensors
+    from ..dataset import read_records
+    from ..paths import data_file
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="trained archive (e.g. <out>/best.safetensors)")

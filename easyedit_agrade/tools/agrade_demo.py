@@ -8,32 +8,12 @@ the pre-edit argmax (the paper's LS: agreement with the unedited model), Score =
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 DEFAULT_HPARAMS = "hparams/AGRADE/smollm2-135m"
-
-
-@contextlib.contextmanager
-def _counted(module: Any, attr: str, bar: Any) -> Iterator[None]:
-    """Wrap ``module.attr`` so every call ticks ``bar`` (EasyEdit's per-request evaluation has no bar)."""
-    original = getattr(module, attr)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return original(*args, **kwargs)
-        finally:
-            bar.update(1)
-
-    setattr(module, attr, wrapper)
-    try:
-        yield
-    finally:
-        setattr(module, attr, original)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -45,7 +25,7 @@ def summarize_easyedit_metrics(metrics: list[dict]) -> dict[str, float]:
     """ES/GS/LS/Score (post) and their pre-edit values from ``BaseEditor.batch_edit`` output."""
     import numpy as np
 
-    from .agrade_eval import harmonic_mean
+    from ..models.agrade.agrade_eval import harmonic_mean
 
     def acc(side: str, key: str) -> float:
         return _mean([_mean(m[side][key]) if isinstance(m[side][key], list) else m[side][key] for m in metrics])
@@ -84,7 +64,7 @@ def locality_kwargs(records) -> dict[str, Any]:
     """Locality probes for ``BaseEditor.batch_edit``. EasyEdit 0.0.1.dev0 forwards ``locality_prompts``
     positionally into ``_prepare_requests``' ``locality_inputs`` slot, so there it must be the
     ``{"neighborhood": {"prompt": [...], "ground_truth": [...]}}`` dict; upstream takes ``locality_inputs=``."""
-    from ...integration.easyedit import easyedit_generation
+    from ..integration.easyedit import easyedit_generation
 
     inputs = {"neighborhood": {"prompt": [r.locality_prompt for r in records],
                                "ground_truth": [r.locality_ground_truth for r in records]}}
@@ -115,10 +95,10 @@ def demo_main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ...dataset.readers import read_counterfact_mend
-    from ...integration.cpu_compat import cuda_on_cpu
-    from ...paths import data_file
-    from .agrade_hparams import AGRADEHyperParams
+    from ..dataset.readers import read_counterfact_mend
+    from ..integration.cpu_compat import cuda_on_cpu
+    from ..paths import data_file
+    from ..models.agrade.agrade_hparams import AGRADEHyperParams
 
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     t_start = time.time()
@@ -129,15 +109,14 @@ def demo_main(argv: list[str] | None = None) -> int:
     hparams.batch_size = max(hparams.batch_size, len(records))  # one batch: a single solve for all facts
     print(f"AGRADE demo: {len(records)} CounterFact validation facts, one batch, model {str(hparams.model_name)!r}")
 
-    import easyedit_agrade
+    from ..integration.easyedit import register
+    from ..integration.easyedit_editor import base_editor_from_hparams
 
-    easyedit_agrade.register()
-    BaseEditor = importlib.import_module("easyeditor").BaseEditor
-    editor_mod = importlib.import_module("easyeditor.editors.editor")
+    register()
     with cuda_on_cpu():
-        editor = BaseEditor.from_hparams(hparams)
+        editor = base_editor_from_hparams(hparams)
         model, tok = editor.model, editor.tok
-        from .agrade_main import _networks_for
+        from ..models.agrade.agrade_main import _networks_for
 
         _, archive_path = _networks_for(model, hparams)  # fail fast (with the retraining hint) if none matches
         print(f"archive: {archive_path}")
@@ -148,7 +127,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         if args.fast_metrics:
             s, edit_time, eval_wall = _fast_metrics(editor, hparams, records)
         else:
-            s, edit_time, eval_wall = _easyedit_metrics(editor, editor_mod, records, tqdm)
+            s, edit_time, eval_wall = _easyedit_metrics(editor, records, tqdm)
         # generations after: apply the same batch again through BaseEditor's algorithm, then restore exactly
         reqs = [r.to_request() for r in records]
         _, weights_copy = editor.apply_algo(model, tok, reqs, hparams, copy=False, return_orig_weights=True,
@@ -156,7 +135,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         try:
             after = generate(model, tok, gen_prompts)
         finally:
-            from ...core.weights import restore_weights
+            from ..core.weights import restore_weights
 
             restore_weights(model, weights_copy)
 
@@ -180,12 +159,14 @@ def demo_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _easyedit_metrics(editor, editor_mod, records, tqdm) -> tuple[dict[str, float], float, float]:
+def _easyedit_metrics(editor, records, tqdm) -> tuple[dict[str, float], float, float]:
     """``BaseEditor.batch_edit`` (one batch) with EasyEdit's own per-request post/pre evaluation."""
+    from ..integration.easyedit_editor import counting_edit_evaluations
+
     with tqdm(total=2 * len(records), desc="edit + EasyEdit evaluation (post, pre)", dynamic_ncols=True) as bar, \
-            _counted(editor_mod, "compute_edit_quality", bar):
+            counting_edit_evaluations(bar):
         t0 = time.time()
-        from ...integration.easyedit import batch_edit_all_chunks
+        from ..integration.easyedit import batch_edit_all_chunks
 
         metrics, _, _ = batch_edit_all_chunks(  # batch_edit alone returns only the last chunk's metrics
             editor,
@@ -208,10 +189,10 @@ def _fast_metrics(editor, hparams, records) -> tuple[dict[str, float], float, fl
     import torch
     from tqdm.auto import tqdm
 
-    from ...core.weights import restore_weights
-    from .agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean, pre_edit_metrics
-    from .agrade_main import _networks_for
-    from .editor import AGRADEEditor
+    from ..core.weights import restore_weights
+    from ..models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean, pre_edit_metrics
+    from ..models.agrade.agrade_main import _networks_for
+    from ..models.agrade.editor import AGRADEEditor
 
     t0 = time.time()
     nets, _ = _networks_for(editor.model, hparams)

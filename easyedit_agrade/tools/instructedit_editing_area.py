@@ -7,7 +7,7 @@ is ⟨Ũ_aᵀD̃_a, Ũ_bᵀD̃_b⟩_F = Σ (Ũ_a Ũ_bᵀ) ⊙ (D̃_a D̃_bᵀ), 
 PCA of the flattened directions). The top PCA components go to t-SNE (sklearn), and matplotlib draws one panel per
 editor, coloured by task. sklearn and matplotlib are imported only here, inside the functions.
 
-    python -m easyedit_agrade.models.instructedit.editing_area \\
+    python -m easyedit_agrade.tools.instructedit_editing_area \\
         --editor InstructEdit=archives/instructedit-smollm2-135m.safetensors \\
         --editor "Multi-task MEND=runs/mend-multitask-smollm2/best.safetensors" --per-task 40 --out editing_area.png
 """
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from ...core.checkpoint import read_metadata
+from ..core.checkpoint import read_metadata
 
 TASK_ORDER = ("counterfact", "wikirecent", "convsent", "zsre")
 
@@ -52,12 +52,12 @@ def pca_from_gram(K: torch.Tensor, k: int = 50) -> torch.Tensor:
 def collect_factors(model, tok, archive: str, tasks: Sequence[str], per_task: int, module: int = -1,
                     seed: int = 0, instruction_index: int = 0):
     """(factors, labels, use_instruction) for ``per_task`` test records of each task, edited by ``archive``."""
-    from .archive import load_networks
-    from .editor import InstructEditEditor
-    from .instructedit_eval import make_probe
-    from .instructedit_hparams import InstructEditHyperParams
-    from .instructions import load_instructions
-    from .multitask import load_split
+    from ..models.instructedit.archive import load_networks
+    from ..models.instructedit.editor import InstructEditEditor
+    from ..models.instructedit.instructedit_eval import make_probe
+    from ..models.instructedit.instructedit_hparams import InstructEditHyperParams
+    from ..models.instructedit.instructions import load_instructions
+    from ..models.instructedit.multitask import load_split
 
     meta = read_metadata(archive)
     hp = dict(meta["hparams"])
@@ -116,7 +116,7 @@ def draw(panels: list[tuple[str, object, list[str]]], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m easyedit_agrade.models.instructedit.editing_area",
+    p = argparse.ArgumentParser(prog="python -m easyedit_agrade.tools.instructedit_editing_area",
                                 description="Figure 4: editing directions per task, PCA then t-SNE, as a PNG.")
     p.add_argument("--editor", action="append", required=True, metavar="LABEL=ARCHIVE",
                    help="an editor archive with its panel title (repeat for InstructEdit and multi-task MEND)")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ...lm import load_model_and_tokenizer
+    from ..lm import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model)
     model.eval()

@@ -1,18 +1,17 @@
 """``easyedit-agrade demo`` / ``make demo``: the main job.
 
 With a trained AGRADE archive for the embedded model shipped under ``archives/``, the demo batch-edits
-CounterFact facts with AGRADE through EasyEdit's ``BaseEditor`` (``easyedit_agrade.models.agrade.agrade_demo``).
+CounterFact facts with AGRADE through EasyEdit's ``BaseEditor`` (``easyedit_agrade.tools.agrade_demo``).
 ``--method ft`` (and the fallback when no AGRADE archive is present, which the demo says) runs EasyEdit's own
 FT baseline on three counterfactual facts instead and shows the model's answers before and after.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from typing import Sequence
 
-from .paths import REPO_ROOT
+from ..paths import REPO_ROOT
 
 FACTS = [
     # (prompt, new target, true answer, paraphrase)
@@ -42,12 +41,12 @@ def _generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 8) -> li
 
 def run_ft_demo(hparams_path: str) -> int:
     """Foundation demo: EasyEdit's FT baseline edits three facts of the embedded model on CPU."""
-    from .integration.baselines import load_easyedit_hparams
-    from .integration.cpu_compat import cuda_on_cpu
-    from .integration.easyedit import batch_edit_all_chunks, register
+    from ..integration.baselines import load_easyedit_hparams
+    from ..integration.cpu_compat import cuda_on_cpu
+    from ..integration.easyedit import batch_edit_all_chunks, register
+    from ..integration.easyedit_editor import base_editor_from_hparams
 
     register()
-    easyeditor = importlib.import_module("easyeditor")
     hp = load_easyedit_hparams(hparams_path)
     model, tok = hp.model_name.load()
     prompts = [f[0] for f in FACTS]
@@ -55,7 +54,7 @@ def run_ft_demo(hparams_path: str) -> int:
     for p, a in zip(prompts + PROBES, _generate(model, tok, prompts + PROBES)):
         print(f"  {p!r} -> {a!r}")
     with cuda_on_cpu():
-        editor = easyeditor.BaseEditor.from_hparams(hp)
+        editor = base_editor_from_hparams(hp)
         start = time.perf_counter()
         metrics, edited, weights_copy = batch_edit_all_chunks(  # batch_edit alone: only the last chunk's metrics
             editor,
@@ -90,7 +89,7 @@ def run_ft_demo(hparams_path: str) -> int:
 
 def shipped_agrade_archive() -> str | None:
     """Name of an AGRADE archive shipped under ``archives/`` (metadata only; the executor checks the fit)."""
-    from .core.checkpoint import read_metadata
+    from ..core.checkpoint import read_metadata
 
     for path in sorted((REPO_ROOT / "archives").glob("*.safetensors")):
         try:
@@ -115,7 +114,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         method = "ft"
     if method in ("auto", "agrade"):
         try:
-            agrade_demo = importlib.import_module("easyedit_agrade.models.agrade.agrade_demo")
+            from . import agrade_demo
         except ImportError as exc:
             if method == "agrade":
                 raise

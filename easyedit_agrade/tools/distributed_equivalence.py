@@ -9,8 +9,8 @@ Runs the same edits and the same training steps once in a single process and onc
 
 ::
 
-    python -m easyedit_agrade.distributed.equivalence --world-size 2                   # tiny random LLaMA, fp32
-    python -m easyedit_agrade.distributed.equivalence --world-size 2 --model embedded --edits 32
+    python -m easyedit_agrade.tools.distributed_equivalence --world-size 2                   # tiny random LLaMA, fp32
+    python -m easyedit_agrade.tools.distributed_equivalence --world-size 2 --model embedded --edits 32
 
 The single process takes the in-memory path (the T×T dual solve when T < Dh); the ranks take the streamed
 primal path with all-reduced sums — so the check also covers the equality of the two solver paths. Exit code 1
@@ -143,7 +143,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, spec: dict[str,
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from .collective import TorchCollective
+    from ..distributed.collective import TorchCollective
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -177,7 +177,7 @@ def relative_errors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
 
 def check(spec: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     """Single-process vs ``world_size`` ranks; per-key relative errors and whether ranks agree exactly on ΔW."""
-    from .collective import Collective
+    from ..distributed.collective import Collective
 
     single = compute(spec, Collective())
     ranks = run_distributed(spec, world_size)
