@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import RidgeFactorization, adjust_and_scale, factorize, factorize_gram, gram, project_out
+from ...kernels import RidgeFactorization, adjust_and_scale, factorize, factorize_gram, project_out
+from ...kernels import gram as gram_of_rows
 from ...kernels.reference import projection_dots_ref, subtract_projection_ref
 from ...kernels.preserved import PreservedKeys, PreservedRidge, factorize_gram_preserved, factorize_preserved
 
@@ -60,7 +61,7 @@ def eq3_gram(H: torch.Tensor, out: torch.Tensor, *, backend: str | None = None) 
     """Eq 3's HᵀH for a piece of rows, added in place to the lower triangle of ``out`` (Dh × Dh, its dtype is the
     accumulator's) — the streamed / data-parallel Gram, summed over pieces (and ranks) for
     :func:`eq3_factorize_gram`. Through :func:`~easyedit_agrade.kernels.gram` (the Triton kernel on CUDA)."""
-    return gram(H.detach(), lower_only=True, out=out, backend=backend)
+    return gram_of_rows(H.detach(), lower_only=True, out=out, backend=backend)
 
 
 def eq3_factorize_gram(gram: torch.Tensor, log_lambda: torch.Tensor | float | None, H: torch.Tensor | None, *,
