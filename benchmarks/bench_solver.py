@@ -5,8 +5,10 @@ cotangents of eqs 4, 2, 1) for one edited linear module with T tokens, input wid
 
 - naive: explicit Gram HᵀH + e^λI and ``torch.linalg.solve`` (LU) for ΔW; the update rebuilds M and solves
   again for M⁻¹g_θ (what MALMEN does); unfused torch row ops.
-- ours: ``kernels.gram`` (symmetric, chunked) + one checked Cholesky reused by ``solve_delta`` and
-  ``project_and_lambda_grad``, the dual (Woodbury) form when T < Dh, fused row ops (Triton on CUDA).
+- ours: what the editor and the trainer run — eqs 1–2 and 4 through the kernels' dispatcher (fused Triton kernels
+  on CUDA), ``kernels.gram`` (symmetric, chunked) + one checked Cholesky reused by ``solve_delta`` and
+  ``project_and_lambda_grad``, the dual (Woodbury) form when T < Dh; the update recomputes G with autograd and
+  backpropagates the eq 7 surrogate (on CUDA through the fused backward kernel).
 - bound: the GEMM-like FLOPs of our method (symmetric Gram counted once, Cholesky/triangular solves, the
   products with H) divided by a torch.mm rate measured here on the case's dominant GEMM shape. Row-wise
   (bandwidth-bound) ops are not counted, so the bound is optimistic.
@@ -29,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from easyedit_agrade import kernels as K
+from easyedit_agrade.models.agrade import equations as eq
 
 # (name, Dh, Dg): the edited FFN output projection's input and output widths.
 MODELS = [
@@ -84,13 +87,16 @@ def naive_step(H, Ht, gt, Gp, g, eta, log_lambda):
 
 
 def our_step(H, Ht, gt, Gp, g, eta, log_lambda):
-    c, G = K.adjust_and_scale(H, Ht, gt, eta)
-    G, _ = K.project_out(G, Gp)
-    fact = K.factorize(H, log_lambda)
-    delta = fact.solve_delta(G)
-    P, lam_grad = fact.project_and_lambda_grad(g, delta)
-    Pp, _ = K.project_out(P, Gp)
-    d_ht, d_gt, d_eta = K.adjust_and_scale_backward(Pp, H, Ht, gt, c, eta)
+    """The editor's predict (no grad) and the trainer's update (G recomputed with autograd, eq 7 backpropagated)."""
+    with torch.no_grad():
+        G = eq.eq4_project_out(eq.eq1_eq2_adjusted_gradient(H, Ht, gt, eta), Gp)
+        fact = eq.eq3_factorize(H, log_lambda)
+        delta = eq.eq5_delta(fact, G)
+        P, lam_grad = fact.project_and_lambda_grad(g, delta)
+    leaves = (Ht.detach().requires_grad_(), gt.detach().requires_grad_(),
+              torch.tensor(eta, device=H.device, dtype=H.dtype, requires_grad=True))
+    G = eq.eq4_project_out(eq.eq1_eq2_adjusted_gradient(H, *leaves), Gp)
+    d_ht, d_gt, d_eta = torch.autograd.grad(eq.eq7_surrogate_loss(P, G), leaves)
     return delta, P, lam_grad, d_ht, d_gt, d_eta
 
 

@@ -5,8 +5,11 @@ Rule: ``backend`` argument > ``EASYEDIT_AGRADE_KERNELS`` env var (``auto``|``tor
 ``triton`` where it cannot run raises a ``RuntimeError``; CPU tensors are allowed only with
 ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the tests). Triton is imported only when it runs.
 
-All ops run under ``torch.no_grad()``: outputs never carry autograd history, whichever backend ran
-(the editor applies the cotangents itself, see ``adjust_and_scale_backward``).
+Autograd: :func:`adjust_and_scale` (eqs 1–2) and :func:`project_out` (eq 4) are differentiable on both backends —
+the torch backend through autograd of the reference ops, the Triton backend through :class:`AdjustAndScale` and
+:class:`ProjectOut` (``torch.autograd.Function``\ s whose backward is :func:`adjust_and_scale_backward` /
+the eq 4 projection of the cotangent). :func:`gram` and :func:`adjust_and_scale_backward` run under
+``torch.no_grad()``.
 """
 from __future__ import annotations
 
@@ -76,14 +79,17 @@ def gram(
     *,
     chunk_size: int = 4096,
     lower_only: bool = False,
+    out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Gram matrix HᵀH of eq 3 (add e^λ I yourself or use ``factorize``), streamed over T.
 
     ``H`` is a (T, D) tensor or an iterable of (t, D) row-chunks (H need not be resident). Accumulates in
     fp32 (fp64 for fp64 input); extra memory O(D² + chunk·D). ``lower_only`` leaves the strict upper
-    triangle zero (enough for Cholesky). The torch backend casts and multiplies ``chunk_size`` rows at a
-    time; the Triton kernel streams a tensor's rows itself and casts tiles in registers.
+    triangle zero (enough for Cholesky). ``out`` (D × D): add HᵀH to it in place and return it, accumulating
+    in ``out``'s dtype — for Grams summed over cached pieces (start from zeros; pass the same ``lower_only``
+    every time). The torch backend casts and multiplies ``chunk_size`` rows at a time; the Triton kernel
+    streams a tensor's rows itself and casts tiles in registers.
     """
     if isinstance(H, torch.Tensor):
         if H.dim() != 2:
@@ -95,12 +101,30 @@ def gram(
         if first is None:
             raise ValueError("H has no row-chunks; pass a (0, D) tensor for an empty H")
         source = whole = itertools.chain([first], chunks)
+    if out is not None and (out.dim() != 2 or out.shape != (first.shape[1], first.shape[1])
+                            or out.device != first.device):
+        raise ValueError(f"out must be ({first.shape[1]}, {first.shape[1]}) on {first.device}, "
+                         f"got {tuple(out.shape)} on {out.device}")
     if resolve_backend(first, backend) == "triton":
-        return _triton_ops().gram(whole, lower_only=lower_only)
-    return ref.gram_ref(source, chunk_size=chunk_size, lower_only=lower_only)
+        return _triton_ops().gram(whole, lower_only=lower_only, out=out)
+    if out is None:
+        return ref.gram_ref(source, chunk_size=chunk_size, lower_only=lower_only)
+    return out.add_(ref.gram_ref(source, chunk_size=chunk_size, lower_only=lower_only, dtype=out.dtype))
 
 
-@torch.no_grad()
+def _check_adjust_inputs(H: torch.Tensor, H_tilde: torch.Tensor, grad_tilde: torch.Tensor) -> None:
+    if H.dim() != 2:
+        raise ValueError(f"H must be 2-D (T, Dh), got shape {tuple(H.shape)}")
+    if H_tilde.shape != H.shape:
+        raise ValueError(f"H_tilde shape {tuple(H_tilde.shape)} does not match H shape {tuple(H.shape)}")
+    _check_rows("H_tilde", H_tilde, H.shape[0], H)
+    _check_rows("grad_tilde", grad_tilde, H.shape[0], H)
+
+
+def _wants_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
 def adjust_and_scale(
     H: torch.Tensor,
     H_tilde: torch.Tensor,
@@ -108,27 +132,30 @@ def adjust_and_scale(
     eta: Scalar,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs 1–2 fused: c_i = −η Σ_j H_ij H̃_ij (eq 1), G = c ⊙ ∇G̃ (eq 2). Returns (c (T,), G (T, Dg))."""
-    if H.dim() != 2:
-        raise ValueError(f"H must be 2-D (T, Dh), got shape {tuple(H.shape)}")
-    if H_tilde.shape != H.shape:
-        raise ValueError(f"H_tilde shape {tuple(H_tilde.shape)} does not match H shape {tuple(H.shape)}")
-    _check_rows("H_tilde", H_tilde, H.shape[0], H)
-    _check_rows("grad_tilde", grad_tilde, H.shape[0], H)
-    if resolve_backend(H, backend) == "triton":
+    """Eqs 1–2 fused: c_i = −η Σ_j H_ij H̃_ij (eq 1), G = c ⊙ ∇G̃ (eq 2). Returns (c (T,), G (T, Dg)).
+
+    G is differentiable in H̃, ∇G̃ and η (H is data). On the Triton backend that goes through
+    :class:`AdjustAndScale` (c then carries no gradient, and H must not require one)."""
+    _check_adjust_inputs(H, H_tilde, grad_tilde)
+    if isinstance(eta, torch.Tensor) and eta.numel() != 1:
+        raise ValueError(f"eta must be a scalar, got a tensor of shape {tuple(eta.shape)}")
+    chosen = resolve_backend(H, backend)
+    if chosen == "torch":
+        return ref.adjust_and_scale_ref(H, H_tilde, grad_tilde, eta)
+    if _wants_grad(H, H_tilde, grad_tilde, eta):
+        return AdjustAndScale.apply(H, H_tilde, grad_tilde, eta, chosen)
+    with torch.no_grad():
         return _triton_ops().adjust_and_scale(H, H_tilde, grad_tilde, eta)
-    cd = ref.compute_dtype(H, H_tilde, grad_tilde)
-    return ref.adjust_and_scale_ref(H, H_tilde, grad_tilde, ref.as_scalar_tensor(eta, H, cd))
 
 
-@torch.no_grad()
 def project_out(
     G: torch.Tensor, G_prev: torch.Tensor | None, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq 4: G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev. Returns (G_projected, alpha (0-d)).
 
     G_prev None or ⟨G_prev, G_prev⟩ = 0 gives G (in the compute dtype) and alpha = 0; mismatched shapes
-    raise ``ValueError``. The eq 4 cotangent is the same projection applied to the upstream cotangent.
+    raise ``ValueError``. Differentiable in G (G_prev is treated as a constant); the eq 4 cotangent is the same
+    projection applied to the upstream cotangent, which is what :class:`ProjectOut` does on the Triton backend.
     """
     if G.dim() != 2:
         raise ValueError(f"G must be 2-D (T, Dg), got shape {tuple(G.shape)}")
@@ -136,8 +163,12 @@ def project_out(
         if G_prev.shape != G.shape:
             raise ValueError(f"G_prev shape {tuple(G_prev.shape)} does not match G shape {tuple(G.shape)}")
         _check_rows("G_prev", G_prev, G.shape[0], G)
-        if resolve_backend(G, backend) == "triton":
-            return _triton_ops().project_out(G, G_prev)
+        chosen = resolve_backend(G, backend)
+        if chosen == "triton":
+            if _wants_grad(G):
+                return ProjectOut.apply(G, G_prev, chosen)
+            with torch.no_grad():
+                return _triton_ops().project_out(G, G_prev.detach())
     return ref.project_out_ref(G, G_prev)
 
 
@@ -169,3 +200,65 @@ def adjust_and_scale_backward(
         return _triton_ops().adjust_and_scale_backward(P, H, H_tilde, grad_tilde, c, eta)
     cd = ref.compute_dtype(P, H, H_tilde, grad_tilde, c)
     return ref.adjust_and_scale_backward_ref(P, H, H_tilde, grad_tilde, c, ref.as_scalar_tensor(eta, H, cd))
+
+
+def _like(grad: torch.Tensor, x) -> torch.Tensor | None:
+    """``grad`` in ``x``'s shape and dtype, or None when ``x`` takes no gradient."""
+    if not isinstance(x, torch.Tensor) or not x.requires_grad:
+        return None
+    return grad.reshape(x.shape).to(x.dtype)
+
+
+class AdjustAndScale(torch.autograd.Function):
+    """Eqs 1–2 with the fused backward: forward :func:`adjust_and_scale`, backward :func:`adjust_and_scale_backward`
+    on the given backend (what the Triton backend uses when training). ``apply(H, H_tilde, grad_tilde, eta,
+    backend)`` → (c, G); only G is differentiable, in H̃, ∇G̃ and η (H is data and must not require grad)."""
+
+    @staticmethod
+    def forward(ctx, H, H_tilde, grad_tilde, eta, backend):
+        if ctx.needs_input_grad[0]:
+            raise ValueError("AdjustAndScale differentiates in H_tilde, grad_tilde and eta only; detach H")
+        with torch.no_grad():
+            if resolve_backend(H, backend) == "triton":
+                c, G = _triton_ops().adjust_and_scale(H, H_tilde, grad_tilde, eta)
+            else:
+                c, G = ref.adjust_and_scale_ref(H, H_tilde, grad_tilde, eta)
+        ctx.save_for_backward(H, H_tilde, grad_tilde, c)
+        ctx.eta, ctx.backend = eta, backend
+        ctx.mark_non_differentiable(c)
+        return c, G
+
+    @staticmethod
+    def backward(ctx, _dc, dG):
+        H, H_tilde, grad_tilde, c = ctx.saved_tensors
+        eta = ctx.eta.detach() if isinstance(ctx.eta, torch.Tensor) else ctx.eta
+        d_ht, d_gt, d_eta = adjust_and_scale_backward(dG, H, H_tilde, grad_tilde, c, eta, ctx.backend)
+        return None, _like(d_ht, H_tilde), _like(d_gt, grad_tilde), _like(d_eta, ctx.eta), None
+
+
+class ProjectOut(torch.autograd.Function):
+    """Eq 4 with its self-adjoint backward: forward :func:`project_out`, backward the same projection of the
+    upstream cotangent (on the given backend). ``apply(G, G_prev, backend)`` → (G_projected, alpha); only
+    G_projected is differentiable, in G (G_prev is a constant)."""
+
+    @staticmethod
+    def forward(ctx, G, G_prev, backend):
+        with torch.no_grad():
+            if resolve_backend(G, backend) == "triton":
+                out, alpha = _triton_ops().project_out(G, G_prev)
+            else:
+                out, alpha = ref.project_out_ref(G, G_prev)
+        ctx.save_for_backward(G_prev)
+        ctx.backend, ctx.g_dtype = backend, G.dtype
+        ctx.mark_non_differentiable(alpha)
+        return out, alpha
+
+    @staticmethod
+    def backward(ctx, d_out, _d_alpha):
+        (G_prev,) = ctx.saved_tensors
+        with torch.no_grad():
+            if resolve_backend(d_out, ctx.backend) == "triton":
+                d_G, _ = _triton_ops().project_out(d_out, G_prev)
+            else:
+                d_G, _ = ref.project_out_ref(d_out, G_prev)
+        return d_G.to(ctx.g_dtype), None, None

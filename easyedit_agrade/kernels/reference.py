@@ -1,8 +1,10 @@
 """Torch reference implementations of AGRADE's per-module linear algebra (the ground truth).
 
-Every function here is plain torch code (eqs 1, 2, 4 and the cotangents are differentiable, which the
-gradient tests use); the Triton kernels in ``triton_ops`` are tested against it. Shapes: ``H``, ``H_tilde`` are (T, Dh); ``grad_tilde``, ``G``, ``P`` are (T, Dg).
-Computation happens in :func:`compute_dtype` of the inputs (fp32, or fp64 when an input is fp64).
+Every function here is plain torch code: it is the torch backend of :mod:`.dispatch` (what CPU runs) and the
+ground truth the Triton kernels in ``triton_ops`` are tested against. Eqs 1, 2 and 4 are differentiable through
+autograd (the trainer backpropagates through them on the torch backend). Shapes: ``H``, ``H_tilde`` are (T, Dh);
+``grad_tilde``, ``G``, ``P`` are (T, Dg). Computation happens in :func:`compute_dtype` of the inputs (fp32, or
+fp64 when an input is fp64).
 """
 from __future__ import annotations
 
@@ -96,39 +98,48 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     ])
 
 
-def _frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ summed over all entries, as one BLAS dot (no elementwise temporary)."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
 def adjust_and_scale_ref(
     H: torch.Tensor, H_tilde: torch.Tensor, grad_tilde: torch.Tensor, eta: Scalar
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs 1–2: c_i = −η Σ_j H_ij H̃_ij and G = c ⊙ ∇G̃ (row scaling). Returns (c (T,), G (T, Dg))."""
+    """Eqs 1–2: c_i = −η Σ_j H_ij H̃_ij and G = c ⊙ ∇G̃ (row scaling). Returns (c (T,), G (T, Dg)).
+
+    Differentiable in H̃, ∇G̃ and η (a tensor η keeps its autograd history)."""
     dtype = compute_dtype(H, H_tilde, grad_tilde)
     eta_t = eta.to(dtype) if isinstance(eta, torch.Tensor) else eta
-    c = -eta_t * row_dot(H, H_tilde, dtype)
+    c = -eta_t * (H.to(dtype) * H_tilde.to(dtype)).sum(dim=1)
     return c, c[:, None] * grad_tilde  # type promotion: the result is in c's dtype
+
+
+def projection_dots_ref(G: torch.Tensor, G_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 4's inner products (⟨G, G_prev⟩, ⟨G_prev, G_prev⟩), G_prev detached: sums over rows, so they can be
+    accumulated over row pieces and ranks. Differentiable in G."""
+    dtype = compute_dtype(G, G_prev)
+    g, p = G.to(dtype), G_prev.detach().to(dtype)
+    return (g * p).sum(), (p * p).sum()
+
+
+def subtract_projection_ref(G: torch.Tensor, G_prev: torch.Tensor, alpha: Scalar) -> torch.Tensor:
+    """Eq 4's update G − alpha · G_prev (G_prev detached), for alpha = ⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩."""
+    dtype = compute_dtype(G, G_prev)
+    return G.to(dtype) - alpha * G_prev.detach().to(dtype)
 
 
 def project_out_ref(
     G: torch.Tensor, G_prev: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev with Frobenius inner products.
+    """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev with Frobenius inner products (G_prev detached).
 
     Returns (G_projected, alpha). When G_prev is None or ⟨G_prev, G_prev⟩ = 0 the result is G itself and
-    alpha = 0, decided on the device without a host synchronisation.
+    alpha = 0, decided on the device without a host synchronisation. Differentiable in G.
     """
     dtype = compute_dtype(G, G_prev)
-    g = G.to(dtype)
     if G_prev is None:
-        return g, torch.zeros((), device=G.device, dtype=dtype)
+        return G.to(dtype), torch.zeros((), device=G.device, dtype=dtype)
     if G_prev.shape != G.shape:
         raise ValueError(f"G_prev shape {tuple(G_prev.shape)} does not match G shape {tuple(G.shape)}")
-    p = G_prev.to(dtype)
-    num, den = _frobenius(g, p), _frobenius(p, p)
+    num, den = projection_dots_ref(G, G_prev)
     alpha = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
-    return torch.addcmul(g, p, -alpha), alpha  # g − alpha·p in one pass
+    return subtract_projection_ref(G, G_prev, alpha), alpha
 
 
 def adjust_and_scale_backward_ref(

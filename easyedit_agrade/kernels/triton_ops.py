@@ -168,9 +168,10 @@ def _adjust_scale_bwd_kernel(
     tl.store(part_ptr + pid, -tl.sum(u * dot, axis=0))
 
 
-def gram(chunks: Iterable[torch.Tensor], *, lower_only: bool = False) -> torch.Tensor:
-    """HᵀH (eq 3 without e^λ I) accumulated over row-chunks; see ``reference.gram_ref``."""
-    out: torch.Tensor | None = None
+def gram(chunks: Iterable[torch.Tensor], *, lower_only: bool = False,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """HᵀH (eq 3 without e^λ I) accumulated over row-chunks, into ``out`` when given (its dtype is the
+    accumulator's); see ``reference.gram_ref``."""
     for h in chunks:
         if out is None:
             out = torch.zeros(h.shape[1], h.shape[1], device=h.device, dtype=compute_dtype(h))
@@ -178,7 +179,8 @@ def gram(chunks: Iterable[torch.Tensor], *, lower_only: bool = False) -> torch.T
             raise ValueError(f"row-chunks disagree on the width: {h.shape[1]} vs {out.shape[0]}")
         if h.shape[0] == 0:
             continue
-        if h.dtype != out.dtype and h.dtype not in (torch.float16, torch.bfloat16):
+        # half-precision tiles are upcast in registers for an fp32 accumulator; anything else is cast first
+        if h.dtype != out.dtype and not (h.dtype in (torch.float16, torch.bfloat16) and out.dtype == torch.float32):
             h = h.to(out.dtype)
         blocks = triton.cdiv(out.shape[0], GRAM_BLOCK)
         _gram_kernel[(blocks, blocks)](

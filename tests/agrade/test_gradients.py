@@ -3,7 +3,9 @@
 On tiny float64 models, the gradients that ``AGRADETrainer.compute_gradients`` leaves on every hypernetwork
 parameter, η and λ equal full autograd through an explicit differentiable solve (``torch.linalg.solve`` of eq 3)
 and an edited full-model forward, to <= 1e-6 relative — with eq 4 on and off, for nn.Linear (LLaMA) and Conv1D
-(GPT-2) layouts, and with primal and dual (Woodbury) factorisations.
+(GPT-2) layouts, with primal and dual (Woodbury) factorisations, and with eqs 1–2 and 4 on the Triton backend
+(autograd.Functions with the fused backward kernels; interpreted on CPU). The reference writes eqs 1–4 out in
+plain torch, independent of the code under test.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from agrade_helpers import GPT2_PARAMS, LLAMA_PARAMS, perturb, records, tiny_gpt
 
 
 def _full_autograd_grads(trainer: AGRADETrainer, recs) -> dict[str, torch.Tensor]:
-    """Reference: differentiable eqs 1–5 with an explicit solve, ΔW added through hooks, full-model losses."""
+    """Reference: eqs 1–5 written out in plain torch with an explicit solve, ΔW added through hooks, full-model
+    losses."""
     cfg, ed, nets, model, tok = trainer.config, trainer.editor, trainer.nets, trainer.model, trainer.tok
     sw = ed.switches
     cache = ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs]))
@@ -31,11 +34,12 @@ def _full_autograd_grads(trainer: AGRADETrainer, recs) -> dict[str, torch.Tensor
         H, grad = cache.get(name)
         Ht, gt = nets(name, H, grad)
         if sw.adjustment:
-            G = eq.eq2_scaled_gradient(eq.eq1_adjustment_coefficients(H, Ht, nets.lr(name)), gt)
+            c = -nets.lr(name) * (H * Ht).sum(dim=1)  # eq 1
+            G = c[:, None] * gt  # eq 2
         else:
             G = gt
-        if sw.weight_projection:
-            G = eq.eq4_project_out(G, G_prev)
+        if sw.weight_projection and G_prev is not None and float((G_prev * G_prev).sum()) > 0:  # eq 4
+            G = G - ((G * G_prev).sum() / (G_prev * G_prev).sum()) * G_prev
         if ed.preserved is None:
             M = eq.eq3_regularized_matrix(H, nets.log_lambda(name))
             deltas[name] = torch.linalg.solve(M, H.T @ G)
@@ -119,6 +123,26 @@ def test_surrogate_equals_autograd_gpt2_conv1d(tok, weight_projection):
     model = tiny_gpt2(len(tok))
     assert is_conv1d(get_module(model, GPT2_PARAMS[0][:-7]))
     _check(model, GPT2_PARAMS, tok, "auto", use_weight_projection=weight_projection)
+
+
+@pytest.mark.parametrize("solver", ["primal", "dual"])
+def test_surrogate_equals_autograd_on_triton_backend(tok, solver, monkeypatch):
+    """The trainer's eqs 1–2 and 4 through the Triton kernels and their fused backward (interpreted on CPU)."""
+    from easyedit_agrade.kernels import dispatch
+
+    if not dispatch.triton_importable():
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    used, fused_backward = [], dispatch.adjust_and_scale_backward
+
+    def counted(*args, **kwargs):
+        used.append(kwargs.get("backend", args[-1] if len(args) > 6 else None))
+        return fused_backward(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "adjust_and_scale_backward", counted)
+    _check(tiny_llama(len(tok)), LLAMA_PARAMS, tok, solver, kernels_backend="triton")
+    assert used and set(used) == {"triton"}, f"the fused Triton backward was not used: {used}"
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@
   (``executor_apply_mode("auto")`` = in place from an fp32 master, cast once) + EasyEdit's ``param[...] = v`` or
   ``restore_weights`` — leave every parameter and buffer bit-identical and no hook behind; so does the real
   ``apply_agrade_to_model`` with EasyEdit's restore.
-* The failure modes the design avoids exist: naive add-then-subtract in bf16 drifts; in-place bf16 rounding drops a
+* The failure modes the design avoids: the revert is exact where add-then-subtract in bf16 would drift (shown on
+  the same ΔW); in-place bf16 rounding drops a
   small ΔW (chunk after chunk, unless a master accumulates it); EasyEdit's restore cannot remove a hook.
 * The hook's edited forward is fp32 math: ``round(out + x₃₂ @ ΔW)`` exactly per module, and the whole model's edit
   effect matches an fp32 copy with ΔW in its fp32 weights to bf16/fp16 tolerance.
@@ -25,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agrade"))
 
 from agrade_helpers import (GPT2_PARAMS, LLAMA_PARAMS, perturb, records, tiny_gpt2, tiny_llama,  # noqa: E402
                             tok, training_config)  # noqa: F401  (tok: session fixture)
-from easyedit_agrade.core.weights import (apply_deltas, delta_leaves, executor_apply_mode, get_module,  # noqa: E402
-                                          has_delta_hooks, io_sizes, remove_delta_hooks, restore_weights,
-                                          weight_grad_to_editor_layout)
+from easyedit_agrade.core.weights import (apply_deltas, delta_leaves, delta_to_weight_layout,  # noqa: E402
+                                          executor_apply_mode, get_module, has_delta_hooks, io_sizes,
+                                          remove_delta_hooks, restore_weights, weight_grad_to_editor_layout)
 
 VOCAB = 64
 EDITED = {
@@ -143,23 +144,38 @@ def test_executor_cycles_with_easyedit_restore_are_bit_identical(tmp_path, tok, 
 
 
 # -- the failure modes the design avoids ------------------------------------------------------------------------
-def test_naive_add_then_subtract_in_bf16_drifts():
-    """Regression guard: reverting by subtraction in bf16 is not exact (this is why reverts copy originals)."""
+@pytest.mark.parametrize("mode", ["inplace", "hook"])
+def test_revert_is_exact_where_subtracting_in_bf16_would_drift(mode):
+    """Our apply/revert (two chunks through ``apply_deltas`` with fp32 masters, as the executor applies them, then
+    ``restore_weights``) gives the original bf16 weights bit for bit, for ΔW chosen so that reverting by
+    subtraction — round(round(w + ΔW) − ΔW) — misses w; in place, the edited weights are the fp32 sum rounded
+    once."""
     model = _model("llama", torch.bfloat16)
-    w = get_module(model, EDITED["llama"][0]).weight
-    original = w.detach().clone()
+    names = EDITED["llama"]
+    snap = _snapshot(model)
     gen = torch.Generator().manual_seed(0)
-    drifted_after_one = None
-    with torch.no_grad():
-        for cycle in range(100):
-            d = torch.randn(w.shape, generator=gen) * 1e-3
-            w.add_(d)  # rounded to bf16
-            w.sub_(d)  # rounded again: not the original in general
-            if cycle == 0:
-                drifted_after_one = int((w != original).sum())
-    n_drift = int((w != original).sum())
-    assert drifted_after_one > 0 and n_drift > drifted_after_one
-    assert float((w.detach().float() - original.float()).abs().max()) > 0
+    chunks = [_random_deltas(model, names, gen, 1e-2) for _ in range(2)]
+    edited = {}
+    for n in names:
+        module = get_module(model, n)
+        w32 = module.weight.detach().float()
+        d1, d2 = (delta_to_weight_layout(module, c[n]) for c in chunks)
+        edited[n] = ((w32 + d1) + d2).to(torch.bfloat16)
+        naive_revert = ((edited[n].float() - d2) - d1).to(torch.bfloat16)  # subtract in fp32, round
+        step_revert = ((edited[n].float() - d2).to(torch.bfloat16).float() - d1).to(torch.bfloat16)  # per chunk
+        assert (naive_revert != module.weight).any() and (step_revert != module.weight).any(), "data would not drift"
+    copy, masters = {}, {}
+    for deltas in chunks:
+        apply_deltas(model, deltas, mode=mode, weights_copy=copy, masters=masters)
+    assert set(copy) == {f"{n}.weight" for n in names}
+    for n in names:
+        w = get_module(model, n).weight
+        if mode == "inplace":
+            assert torch.equal(w, edited[n])  # the edit is in the weights, rounded once
+        else:
+            assert torch.equal(w, snap[f"{n}.weight"]) and has_delta_hooks(model)  # the edit lives in fp32 hooks
+    restore_weights(model, copy)
+    assert _identical(model, snap) and not has_delta_hooks(model)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])

@@ -89,3 +89,38 @@ def test_in_memory_cache_bound_names_the_remedy(tok):
 
     gc.collect()
     assert not os.path.exists(folder)  # removed when the cache is garbage collected
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_streamed_path_runs_on_the_triton_kernels(tok, tmp_path, monkeypatch, spill):
+    """The many-edits (streamed) path through the kernels' dispatcher: on the Triton backend (interpreted on CPU) the
+    piece-wise Gram and eqs 1–2 run as Triton kernels, and ΔW equals the torch backend's."""
+    from easyedit_agrade.kernels import dispatch
+
+    if not dispatch.triton_importable():
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops = dispatch._triton_ops()
+    calls: dict[str, int] = {}
+    for op in ("gram", "adjust_and_scale"):
+        def counted(*args, _op=op, _fn=getattr(ops, op), **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(ops, op, counted)
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    over = dict(solver="primal", cache_batch_size=2, cache_spill=spill, cache_spill_dir=str(tmp_path))
+    results = {}
+    for backend in ("torch", "triton"):
+        ed = tiny_editor(tok, kernels_backend=backend, **over)
+        cache = ed.cache(ed.encode(prompts, targets, micro_batch=2), keep_hidden=False)
+        assert ed.use_streamed(cache)
+        results[backend] = ed.compute(cache, keep_modules=False).deltas
+        cache.close()
+        if backend == "torch":
+            assert calls == {}
+    n_pieces = 3 * len(results["torch"])  # 3 micro-batches x 2 modules
+    assert calls == {"gram": n_pieces, "adjust_and_scale": n_pieces}
+    for name, d in results["torch"].items():
+        torch.testing.assert_close(results["triton"][name], d, rtol=1e-10, atol=1e-12)

@@ -45,6 +45,8 @@ def test_easyedit_ft_baseline_edits_embedded_model_on_cpu(easyeditor_module, emb
 
 @pytest.mark.slow
 def test_agrade_dispatch_reaches_our_executor(easyeditor_module, embedded_model, monkeypatch):
+    """BaseEditor(alg_name="AGRADE").batch_edit calls our executor once with all requests, which edits the model
+    with the shipped archive (archives/); BaseEditor then restores the weights (keep_original_weight)."""
     from easyedit_agrade.models.agrade.agrade_hparams import AGRADEHyperParams
 
     agrade_pkg = importlib.import_module("easyedit_agrade.models.agrade")
@@ -52,18 +54,21 @@ def test_agrade_dispatch_reaches_our_executor(easyeditor_module, embedded_model,
     seen = []
 
     def spy(model, tok, requests, hparams, *args, **kwargs):
-        seen.append((len(requests), hparams.alg_name))
-        return real(model, tok, requests, hparams, *args, **kwargs)
+        out = real(model, tok, requests, hparams, *args, **kwargs)
+        changed = sorted(n for n in hparams.inner_params if not torch.equal(model.get_parameter(n), before[n]))
+        seen.append((len(requests), hparams.alg_name, changed))
+        return out
 
     monkeypatch.setattr(agrade_pkg, "apply_agrade_to_model", spy)
     model, tok = embedded_model
     hp = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams" / "AGRADE" / "smollm2-135m"))
+    before = {n: model.get_parameter(n).detach().clone() for n in hp.inner_params}
     hp.model_name = PreloadedModel("smollm2-135m-instruct", model, tok)
     with cuda_on_cpu():
         editor = easyeditor_module.BaseEditor.from_hparams(hp)
         assert editor.alg_name == "AGRADE"
-        try:
-            editor.batch_edit(verbose=False, **REQUESTS)
-        except FileNotFoundError as exc:  # no trained archive configured: a clear error from our executor
-            assert "archive" in str(exc)
-    assert seen == [(3, "AGRADE")]
+        metrics, _, _ = editor.batch_edit(keep_original_weight=True, verbose=False, **REQUESTS)
+    assert seen == [(3, "AGRADE", sorted(hp.inner_params))]  # our executor ran once and edited every module
+    assert len(metrics) == 3
+    for n in hp.inner_params:
+        assert torch.equal(model.get_parameter(n), before[n])

@@ -111,15 +111,32 @@ def test_project_out_cases():
         K.project_out(G, Gp[:4])
 
 
-def test_public_ops_under_no_grad_and_detached_outputs():
-    H = _rand(6, 4, seed=7).requires_grad_()
+def test_public_ops_differentiable_and_no_history_under_no_grad():
+    H = _rand(6, 4, seed=7)
     Ht = _rand(6, 4, seed=8).requires_grad_()
     gt = _rand(6, 3, seed=9).requires_grad_()
     with torch.no_grad():
         c, G = K.adjust_and_scale(H, Ht, gt, 0.1)
+        P, _ = K.project_out(G, gt.detach())
+    assert not (c.requires_grad or G.requires_grad or P.requires_grad)
     c2, G2 = K.adjust_and_scale(H, Ht, gt, 0.1)
-    assert not (c2.requires_grad or G2.requires_grad)
-    torch.testing.assert_close(G, G2)
+    assert G2.requires_grad and K.project_out(G2, gt.detach())[0].requires_grad
+    torch.testing.assert_close(G, G2.detach())
+
+
+def test_gram_out_accumulates_pieces_bit_identically():
+    """``out=`` adds each piece's Gram in out's dtype: the streamed editor's accumulation, op for op."""
+    pieces = [_rand(9, 401, seed=40, dtype=torch.float32), _rand(4, 401, seed=41, dtype=torch.float32)]
+    acc = torch.zeros(401, 401, dtype=F64)
+    expected = torch.zeros(401, 401, dtype=F64)
+    for h in pieces:
+        assert K.gram(h, lower_only=True, out=acc) is acc
+        expected.add_(R.gram_ref(h, lower_only=True, dtype=F64))
+    assert torch.equal(acc, expected)
+    H = torch.cat(pieces).double()
+    torch.testing.assert_close(acc, torch.tril(H.T @ H), rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError, match="out must be"):
+        K.gram(pieces[0], out=torch.zeros(400, 400))
 
 
 # ---------------------------------------------------------------- fp64 gradient checks
@@ -153,3 +170,48 @@ def test_cotangents_shape_errors():
         K.adjust_and_scale_backward(_rand(4, 2, seed=16), H, H, _rand(4, 3, seed=17), torch.zeros(4), 1.0)
     with pytest.raises(ValueError):
         K.adjust_and_scale_backward(_rand(4, 2, seed=16), H, H, _rand(4, 2, seed=17), torch.zeros(3), 1.0)
+
+
+@pytest.mark.parametrize("with_projection", [False, True])
+def test_dispatch_ops_gradcheck_reference_backend(with_projection):
+    """gradcheck (fp64, finite differences) of eqs 1–2 (+ eq 4) as production calls them on CPU."""
+    T, Dh, Dg = 5, 4, 3
+    H, G_prev = _rand(T, Dh, seed=20), _rand(T, Dg, seed=21)
+
+    def f(Ht, gt, eta):
+        G = K.adjust_and_scale(H, Ht, gt, eta, backend="torch")[1]
+        return K.project_out(G, G_prev, backend="torch")[0] if with_projection else G
+
+    inputs = (_rand(T, Dh, seed=22).requires_grad_(), _rand(T, Dg, seed=23).requires_grad_(),
+              torch.tensor(0.4, dtype=F64, requires_grad=True))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("with_projection", [False, True])
+def test_autograd_functions_gradcheck_and_match_autograd(with_projection):
+    """The Triton backend's autograd.Functions (fused backward), run on the reference backend: gradcheck in fp64
+    and equal to autograd through the reference ops."""
+    T, Dh, Dg = 6, 5, 4
+    H, G_prev, upstream = _rand(T, Dh, seed=30), _rand(T, Dg, seed=31), _rand(T, Dg, seed=32)
+
+    def via_functions(Ht, gt, eta):
+        G = K.AdjustAndScale.apply(H, Ht, gt, eta, "torch")[1]
+        return K.ProjectOut.apply(G, G_prev, "torch")[0] if with_projection else G
+
+    def via_autograd(Ht, gt, eta):
+        G = R.adjust_and_scale_ref(H, Ht, gt, eta)[1]
+        return R.project_out_ref(G, G_prev)[0] if with_projection else G
+
+    inputs = (_rand(T, Dh, seed=33).requires_grad_(), _rand(T, Dg, seed=34).requires_grad_(),
+              torch.tensor(-0.3, dtype=F64, requires_grad=True))
+    assert torch.autograd.gradcheck(via_functions, inputs)
+    got = torch.autograd.grad((via_functions(*inputs) * upstream).sum(), inputs)
+    expected = torch.autograd.grad((via_autograd(*inputs) * upstream).sum(), inputs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_adjust_and_scale_function_refuses_a_differentiable_H():
+    H = _rand(3, 2, seed=35).requires_grad_()
+    with pytest.raises(ValueError, match="detach H"):
+        K.AdjustAndScale.apply(H, _rand(3, 2, seed=36), _rand(3, 2, seed=37), 0.5, "torch")

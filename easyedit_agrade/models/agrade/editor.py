@@ -29,7 +29,6 @@ from ...core.tokenize import encode_prompt_target
 from ...distributed.collective import Collective
 from ...kernels import choose_method
 from ...kernels.preserved import PreservedKeys
-from ...kernels.reference import gram_ref
 from . import equations as eq
 from .outliers import out_of_distribution_rows, row_norm_median, suppress_massive_rows, suppress_rows
 from .agrade_hparams import AGRADEHyperParams, Switches
@@ -200,7 +199,7 @@ class AGRADEEditor:
         G = self.adjusted_gradient(name, H, grad, key_reference)
         if self.switches.weight_projection:
             reduce = collective.all_reduce if collective is not None and collective.is_distributed else None
-            G = eq.eq4_project_out(G, G_prev, all_reduce=reduce)
+            G = eq.eq4_project_out(G, G_prev, all_reduce=reduce, backend=self.hparams.kernels_backend)
         return G
 
     def adjusted_gradient(self, name: str, H: torch.Tensor, grad: torch.Tensor,
@@ -212,8 +211,8 @@ class AGRADEEditor:
         :mod:`.outliers`."""
         H_tilde, grad_tilde = self.nets(name, H, grad)
         if self.switches.adjustment:
-            c = eq.eq1_adjustment_coefficients(H, H_tilde, self.nets.lr(name))
-            G = eq.eq2_scaled_gradient(c, grad_tilde)
+            G = eq.eq1_eq2_adjusted_gradient(H, H_tilde, grad_tilde, self.nets.lr(name),
+                                             backend=self.hparams.kernels_backend)
         else:
             G = grad_tilde
         G = suppress_massive_rows(G, H, getattr(self.hparams, "max_key_norm_ratio", None), key_reference)
@@ -277,7 +276,7 @@ class AGRADEEditor:
             reference = output_energy(C0, editor_layout_weight(self.model, name))
         for _ in range(MU_BUDGET_STEPS + 1):
             fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
-            delta = (fact.solve(rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
+            delta = (eq.eq5_delta_from_rhs(fact, rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
             if not adapt or output_energy(C0, delta) / reference <= budget:
@@ -352,24 +351,25 @@ class AGRADEEditor:
             for H_c, g_c in cache.chunks(name, device=dev):
                 H_c, g_c = H_c.to(self.dtype), g_c.to(self.dtype)
                 G_c = self.adjusted_gradient(name, H_c, g_c, key_ref)
-                gram_acc.add_(gram_ref(H_c, lower_only=True, dtype=acc_dtype))
+                eq.eq3_gram(H_c, gram_acc, backend=self.hparams.kernels_backend)
                 if prev_pieces is not None:
                     p_c = next(prev_pieces)
                     if p_c.shape != G_c.shape:
                         project, prev_pieces = False, None
                     else:
-                        dots += torch.stack([(G_c * p_c).sum(), (p_c * p_c).sum()]).to(torch.float64).cpu()
+                        dots += torch.stack(eq.eq4_inner_products(G_c, p_c)).to(torch.float64).cpu()
                 store.add(G_c)
             collective.all_reduce_(gram_acc)
             collective.all_reduce_(dots)
-            coef = float(dots[0] / dots[1]) if project and float(dots[1]) != 0.0 else None
+            coef = eq.eq4_coefficient(dots[0], dots[1]) if project else None
+            coef = None if coef is None else float(coef)
             rhs = torch.zeros(Dh, Dg, dtype=gram_acc.dtype, device=dev)
             final = _PieceStore(cache.spill_dir if cache.spill else None, name + ".final")
             prev_pieces = prev_store.pieces() if coef is not None else None
             for (H_c, _g), G_c in zip(cache.chunks(name, device=dev), store.pieces()):
                 if prev_pieces is not None:
-                    G_c = G_c - coef * next(prev_pieces)
-                rhs.addmm_(H_c.to(rhs.dtype).T, G_c.to(rhs.dtype))
+                    G_c = eq.eq4_subtract(G_c, next(prev_pieces), coef)
+                eq.eq5_rhs(H_c, G_c, rhs)
                 final.add(G_c)
             store.close()
             collective.all_reduce_(rhs)

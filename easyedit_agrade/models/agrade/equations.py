@@ -4,27 +4,33 @@ Gradient Guidance").
 Shapes: H, H̃ (T, Dh); ∇G, ∇G̃, G, P (T, Dg); ΔW and g_θ (Dh, Dg) in the *editor layout*
 (``output += input @ ΔW``; see :mod:`easyedit_agrade.core.weights` for nn.Linear / Conv1D).
 
-Eqs 1, 2, 4 and 7 are plain differentiable torch (the trainer backpropagates through them into the
-hypernetwork); eqs 3, 5 and 6 and the λ gradient go through the solver of :mod:`easyedit_agrade.kernels`
-(a checked Cholesky factorisation, primal or dual/Woodbury, with an fp64 and jitter fallback; never NaN).
+Eqs 1–2 and 4 run through the kernels' dispatcher (:mod:`easyedit_agrade.kernels`: fused Triton kernels on CUDA,
+the torch reference on CPU) and are differentiable on both (the trainer backpropagates through them into the
+hypernetwork); eq 7 is plain torch. Eqs 3, 5 and 6 and the λ gradient go through the kernels' solver (a checked
+Cholesky factorisation, primal or dual/Woodbury, with an fp64 and jitter fallback; never NaN).
 :func:`eq3_regularized_matrix` builds M explicitly only for tests and small references.
+
+The in-memory and the streamed / data-parallel edit use the same functions: eqs 1–2 are row-wise (any piece of
+rows), eq 4 splits into :func:`eq4_inner_products` (sums, accumulated over pieces and ranks) and
+:func:`eq4_subtract`; eq 3 is factored from the rows (:func:`eq3_factorize`) or from an accumulated Gram
+(:func:`eq3_gram` summed into :func:`eq3_factorize_gram`).
 """
 from __future__ import annotations
 
 import torch
 
-from ...kernels import RidgeFactorization, factorize, factorize_gram
+from ...kernels import RidgeFactorization, adjust_and_scale, factorize, factorize_gram, project_out
+from ...kernels import gram as gram_of_rows
+from ...kernels.reference import projection_dots_ref, subtract_projection_ref
 from ...kernels.preserved import PreservedKeys, PreservedRidge, factorize_gram_preserved, factorize_preserved
 
 
-def eq1_adjustment_coefficients(H: torch.Tensor, H_tilde: torch.Tensor, eta: torch.Tensor | float) -> torch.Tensor:
-    """Eq 1: c_i = −η Σ_j H_ij H̃_ij  → (T,)."""
-    return -eta * (H * H_tilde).sum(dim=1)
+def eq1_eq2_adjusted_gradient(H: torch.Tensor, H_tilde: torch.Tensor, grad_tilde: torch.Tensor,
+                              eta: torch.Tensor | float, *, backend: str | None = None) -> torch.Tensor:
+    """Eq 1: c_i = −η Σ_j H_ij H̃_ij (T,), and eq 2: G = c ⊙ ∇G̃ (row i of ∇G̃ scaled by c_i) → (T, Dg).
 
-
-def eq2_scaled_gradient(c: torch.Tensor, grad_tilde: torch.Tensor) -> torch.Tensor:
-    """Eq 2: G = c ⊙ ∇G̃ (row i of ∇G̃ scaled by c_i) → (T, Dg)."""
-    return c[:, None] * grad_tilde
+    One fused pass (:func:`~easyedit_agrade.kernels.adjust_and_scale`); differentiable in H̃, ∇G̃ and η."""
+    return adjust_and_scale(H, H_tilde, grad_tilde, eta, backend=backend)[1]
 
 
 def eq3_regularized_matrix(H: torch.Tensor, log_lambda: torch.Tensor | float | None) -> torch.Tensor:
@@ -51,6 +57,13 @@ def eq3_factorize(H: torch.Tensor, log_lambda: torch.Tensor | float | None, *, m
     return factorize(H.detach(), ll, method=method, backend=backend)
 
 
+def eq3_gram(H: torch.Tensor, out: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Eq 3's HᵀH for a piece of rows, added in place to the lower triangle of ``out`` (Dh × Dh, its dtype is the
+    accumulator's) — the streamed / data-parallel Gram, summed over pieces (and ranks) for
+    :func:`eq3_factorize_gram`. Through :func:`~easyedit_agrade.kernels.gram` (the Triton kernel on CUDA)."""
+    return gram_of_rows(H.detach(), lower_only=True, out=out, backend=backend)
+
+
 def eq3_factorize_gram(gram: torch.Tensor, log_lambda: torch.Tensor | float | None, H: torch.Tensor | None, *,
                        preserved: PreservedKeys | None = None,
                        log_mu: torch.Tensor | float | None = None) -> RidgeFactorization | PreservedRidge:
@@ -66,30 +79,58 @@ def _detached(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
+def eq4_inner_products(G: torch.Tensor, G_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 4's statistics (⟨G, G_prev⟩, ⟨G_prev, G_prev⟩), G_prev detached; sums over rows, so a streamed or
+    data-parallel edit adds them up over row pieces and ranks. Differentiable in G."""
+    return projection_dots_ref(G, G_prev)
+
+
+def eq4_coefficient(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor | None:
+    """Eq 4's coefficient ⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩ from the (summed) :func:`eq4_inner_products`; None when
+    ⟨G_prev, G_prev⟩ = 0 (nothing to project out)."""
+    return None if float(den) == 0.0 else num / den
+
+
+def eq4_subtract(G: torch.Tensor, G_prev: torch.Tensor, coefficient: torch.Tensor | float) -> torch.Tensor:
+    """Eq 4's update G − coefficient · G_prev (G_prev detached), coefficient = ⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩
+    from the (summed) :func:`eq4_inner_products`."""
+    return subtract_projection_ref(G, G_prev, coefficient)
+
+
+def eq4_project_out(G: torch.Tensor, G_prev: torch.Tensor | None, all_reduce=None, *,
+                    backend: str | None = None) -> torch.Tensor:
     """Eq 4: G ← G − (⟨G, G_prev⟩ / ⟨G_prev, G_prev⟩) G_prev, with G_prev detached.
 
     ``G_prev`` None, of a different shape (modules of different widths cannot be projected) or zero: G unchanged.
     Differentiable in G; the map is an orthogonal projection, hence self-adjoint (its cotangent is the same
-    projection of the upstream cotangent). ``all_reduce`` (data-parallel editing: each rank holds some rows of G
-    and G_prev) sums the two inner products over ranks, differentiably, so every rank applies the global
-    coefficient.
+    projection of the upstream cotangent). On one process this is :func:`~easyedit_agrade.kernels.project_out`
+    (one fused kernel on CUDA). ``all_reduce`` (data-parallel editing: each rank holds some rows of G and G_prev)
+    sums :func:`eq4_inner_products` over ranks, differentiably, so every rank applies the global coefficient.
     """
     if G_prev is None or G_prev.shape != G.shape:
         return G
-    p = G_prev.detach().to(G.dtype)
-    num, den = (G * p).sum(), (p * p).sum()
-    if all_reduce is not None:
-        both = all_reduce(torch.stack([num, den.detach()]))
-        num, den = both[0], both[1].detach()
-    if float(den) == 0.0:
-        return G
-    return G - (num / den.detach()) * p
+    if all_reduce is None:
+        return project_out(G, G_prev, backend=backend)[0]
+    num, den = eq4_inner_products(G, G_prev)
+    both = all_reduce(torch.stack([num, den.detach()]))
+    coefficient = eq4_coefficient(both[0], both[1].detach())
+    return G if coefficient is None else eq4_subtract(G, G_prev, coefficient)
 
 
 def eq5_delta(fact: RidgeFactorization, G: torch.Tensor) -> torch.Tensor:
-    """Eq 5: ΔW = M⁻¹ HᵀG → (Dh, Dg) (no autograd history)."""
+    """Eq 5: ΔW = M⁻¹ HᵀG → (Dh, Dg) from the rows G (no autograd history; the dual form never builds HᵀG)."""
     return fact.solve_delta(G.detach())
+
+
+def eq5_rhs(H: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Eq 5's right-hand side HᵀG for a piece of rows, added in place to ``out`` (Dh × Dg, its dtype is the
+    accumulator's) — summed over pieces (and ranks) for :func:`eq5_delta_from_rhs`."""
+    return out.addmm_(H.detach().to(out.dtype).T, G.detach().to(out.dtype))
+
+
+def eq5_delta_from_rhs(fact: RidgeFactorization, rhs: torch.Tensor) -> torch.Tensor:
+    """Eq 5: ΔW = M⁻¹ (HᵀG) from the accumulated :func:`eq5_rhs` (streamed / data-parallel; no autograd history)."""
+    return fact.solve(rhs)
 
 
 def eq6_projected_gradient(fact: RidgeFactorization, H: torch.Tensor, g_theta: torch.Tensor,
