@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ...core.weights import apply_deltas, restore_weights
+from ...evaluate.metrics import nanmean, per_record_mean
 from .editor import InstructEditEditor
 from .instructions import InstructionSet
 from .multitask import TaskRecord
@@ -82,10 +83,7 @@ def _logits(editor: InstructEditEditor, pairs: Sequence[tuple[str, str]]):
 
 
 def _per_pair(values: list[torch.Tensor], rows: list[torch.Tensor], n: int) -> torch.Tensor:
-    v, r = torch.cat(values).double(), torch.cat(rows)
-    s = torch.zeros(n, dtype=torch.float64).index_add_(0, r, v)
-    c = torch.zeros(n, dtype=torch.float64).index_add_(0, r, torch.ones_like(v))
-    return s / c
+    return per_record_mean(torch.cat(values), torch.cat(rows), n)
 
 
 @torch.no_grad()
@@ -126,11 +124,6 @@ def generate(editor: InstructEditEditor, prompt: str, max_new_tokens: int = 24) 
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _nanmean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
 @torch.no_grad()
 def evaluate_task(editor: InstructEditEditor, records: Sequence[TaskRecord], *, instructions: InstructionSet | None,
                   index: int = 0, use_instruction: bool = True, pre: bool = True,
@@ -167,7 +160,7 @@ def evaluate_task(editor: InstructEditEditor, records: Sequence[TaskRecord], *, 
             acc["port"].append(token_accuracy(editor, pr.port))
         finally:
             restore_weights(editor.model, copies)
-    out = {k: _nanmean(v) for k, v in acc.items()}
+    out = {k: nanmean(v) for k, v in acc.items()}
     scaled = {k: (100.0 * v if not k.endswith("fluency") and v == v else v) for k, v in out.items()}
     scaled["n"] = float(len(records))
     return scaled
