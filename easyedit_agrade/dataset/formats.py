@@ -53,6 +53,17 @@ def _one_hop(rec: dict, r: Record, i: int, src: str) -> None:
         r.portability["One-Hop"] = [Probe(port["New Question"], answers_of(port["New Answer"], f"{src}: record {i}"))]
 
 
+def _mend_probes(rec: dict, r: Record, i: int, src: str, names: tuple[str, str, str], required: bool) -> None:
+    """The MEND formats' rephrase and neighbourhood probe (``names``: rephrase, locality prompt, its answer)."""
+    rephrase, loc_prompt, loc_answer = names
+    reph = get_text(rec, rephrase, i, src, required=required)
+    if reph:
+        r.rephrase.append(reph)
+    loc = get_text(rec, loc_prompt, i, src, required=required)
+    if loc is not None:
+        r.locality[NEIGHBORHOOD] = [Probe(loc, (get_text(rec, loc_answer, i, src),))]  # type: ignore[arg-type]
+
+
 def parse_zsre(rec: Any, i: int, src: str, family: str = "zsre", *, require_probes: bool = False) -> Record:
     prompt = get_text(rec, "src", i, src)
     target = get_text(rec, "alt", i, src)
@@ -61,12 +72,7 @@ def parse_zsre(rec: Any, i: int, src: str, family: str = "zsre", *, require_prob
     gt = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], str) else None
     r = Record(uid=f"{src}:{i}", source=src, family=family, prompt=prompt, target_new=target,  # type: ignore[arg-type]
                subject=subject, ground_truth=gt, index=i, case_id=rec.get("case_id", i))
-    reph = get_text(rec, "rephrase", i, src, required=require_probes)
-    if reph:
-        r.rephrase.append(reph)
-    loc = get_text(rec, "loc", i, src, required=require_probes)
-    if loc is not None:
-        r.locality[NEIGHBORHOOD] = [Probe(loc, (get_text(rec, "loc_ans", i, src),))]  # type: ignore[arg-type]
+    _mend_probes(rec, r, i, src, ("rephrase", "loc", "loc_ans"), require_probes)
     _one_hop(rec, r, i, src)
     if rec.get("alter_subject_question"):
         r.portability["Subject-Replace"] = [Probe(get_text(rec, "alter_subject_question", i, src), (target,))]  # type: ignore[arg-type]
@@ -84,12 +90,7 @@ def parse_counterfact(rec: Any, i: int, src: str, family: str = "counterfact", *
                subject=get_text(rec, "subject", i, src, required=False),
                ground_truth=get_text(rec, "ground_truth", i, src, required=False), index=i,
                case_id=rec.get("case_id", i))
-    reph = get_text(rec, "rephrase_prompt", i, src, required=require_probes)
-    if reph:
-        r.rephrase.append(reph)
-    loc = get_text(rec, "locality_prompt", i, src, required=require_probes)
-    if loc is not None:
-        r.locality[NEIGHBORHOOD] = [Probe(loc, (get_text(rec, "locality_ground_truth", i, src),))]  # type: ignore[arg-type]
+    _mend_probes(rec, r, i, src, ("rephrase_prompt", "locality_prompt", "locality_ground_truth"), require_probes)
     return r
 
 

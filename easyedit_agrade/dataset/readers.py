@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .formats import parse_raw
-from .schema import FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError
+from .schema import FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError, easyedit_request
 
 #: ``"auto"`` (zsRE or CounterFact-MEND, from the first record) or any name in :data:`.formats.FORMATS`
 Format = str
@@ -47,21 +47,9 @@ class EditRecord:
 
     def to_request(self) -> dict:
         """An EasyEdit request dict (``BaseEditor._prepare_requests`` layout)."""
-        req: dict[str, Any] = {
-            "prompt": self.prompt,
-            "target_new": self.target_new,
-            "ground_truth": self.ground_truth if self.ground_truth is not None else "<|endoftext|>",
-            "portability": {},
-            "locality": {},
-        }
-        if self.subject is not None:
-            req["subject"] = self.subject
-        if self.rephrase_prompt is not None:
-            req["rephrase_prompt"] = self.rephrase_prompt
-        if self.locality_prompt is not None and self.locality_ground_truth is not None:
-            req["locality"] = {"neighborhood": {"prompt": self.locality_prompt,
-                                                "ground_truth": self.locality_ground_truth}}
-        return req
+        return easyedit_request(self.prompt, self.target_new, self.ground_truth, subject=self.subject,
+                                rephrase_prompt=self.rephrase_prompt,
+                                neighborhood=(self.locality_prompt, self.locality_ground_truth))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,15 +151,20 @@ def read_counterfact_mend(path: str | os.PathLike[str], *, start: int = 0, limit
     return read_records(path, "counterfact", start=start, limit=limit, skip_invalid=skip_invalid)
 
 
+def check_request(req: Any, i: int) -> None:
+    """An EasyEdit request dict needs non-empty string ``prompt`` and ``target_new``; the error names ``i``."""
+    if not isinstance(req, dict):
+        raise RecordFormatError(f"request {i}: expected a dict, got {type(req).__name__}")
+    for key in ("prompt", "target_new"):
+        if not isinstance(req.get(key), str) or not req[key].strip():
+            raise RecordFormatError(f"request {i}: field {key!r} is missing or empty")
+
+
 def records_from_requests(requests: Sequence[dict]) -> list[EditRecord]:
     """EasyEdit request dicts (``prompt``, ``target_new``, optional ``rephrase_prompt``, ``locality``) -> records."""
     out = []
     for i, req in enumerate(requests):
-        if not isinstance(req, dict):
-            raise RecordFormatError(f"request {i}: expected a dict, got {type(req).__name__}")
-        for key in ("prompt", "target_new"):
-            if not isinstance(req.get(key), str) or not req[key].strip():
-                raise RecordFormatError(f"request {i}: field {key!r} is missing or empty")
+        check_request(req, i)
         loc_p = loc_a = None
         loc = req.get("locality") or {}
         if isinstance(loc, dict) and loc:

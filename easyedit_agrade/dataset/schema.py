@@ -81,18 +81,8 @@ class Record:
 
     def to_request(self) -> dict:
         """An EasyEdit request dict (``BaseEditor._prepare_requests`` layout; lists where a key has several probes)."""
-        req: dict[str, Any] = {
-            "prompt": self.prompt,
-            "target_new": self.target_new,
-            "ground_truth": self.ground_truth if self.ground_truth is not None else "<|endoftext|>",
-            "portability": {},
-            "locality": {},
-            "case_id": self.uid,
-        }
-        if self.subject is not None:
-            req["subject"] = self.subject
-        if self.rephrase:
-            req["rephrase_prompt"] = self.rephrase[0]
+        req = easyedit_request(self.prompt, self.target_new, self.ground_truth, case_id=self.uid, subject=self.subject,
+                               rephrase_prompt=self.rephrase[0] if self.rephrase else None)
         for dest, probes in (("locality", self.locality), ("portability", self.portability)):
             for key, plist in probes.items():
                 if not plist:
@@ -102,6 +92,21 @@ class Record:
                 else:
                     req[dest][key] = {"prompt": [p.prompt for p in plist], "ground_truth": [p.answer for p in plist]}
         return req
+
+
+def easyedit_request(prompt: str, target_new: str, ground_truth: str | None = None, *,
+                     neighborhood: tuple[str | None, str | None] = (None, None), **fields: Any) -> dict:
+    """An EasyEdit request dict (``BaseEditor._prepare_requests`` layout): ``prompt``, ``target_new``,
+    ``ground_truth`` (EasyEdit's ``"<|endoftext|>"`` when unknown), empty ``portability``/``locality``, then the
+    ``fields`` that are not ``None``; ``neighborhood=(prompt, answer)`` fills ``locality["neighborhood"]``."""
+    req: dict[str, Any] = {"prompt": prompt, "target_new": target_new,
+                           "ground_truth": ground_truth if ground_truth is not None else "<|endoftext|>",
+                           "portability": {}, "locality": {}}
+    req.update({k: v for k, v in fields.items() if v is not None})
+    loc_prompt, loc_answer = neighborhood
+    if loc_prompt is not None and loc_answer is not None:
+        req["locality"][NEIGHBORHOOD] = {"prompt": loc_prompt, "ground_truth": loc_answer}
+    return req
 
 
 @dataclass

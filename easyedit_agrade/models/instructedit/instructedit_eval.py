@@ -125,6 +125,22 @@ def generate(editor: InstructEditEditor, prompt: str, max_new_tokens: int = 24) 
 
 
 @torch.no_grad()
+def _edit_metrics(editor: InstructEditEditor, pr: Probe, conv: bool, fluency: bool) -> dict[str, float]:
+    """Reliability (ConvSent: log-likelihood preference), generalization or fluency, and portability of the model
+    as it is now (before or after the edit)."""
+    out: dict[str, float] = {}
+    if conv:
+        out["rel"] = float(mean_loglik(editor, pr.question, pr.responses) > mean_loglik(editor, pr.question, pr.opposite))
+        if fluency:
+            out["fluency"] = ngram_entropy(generate(editor, pr.question))
+    else:
+        out["rel"] = token_accuracy(editor, [pr.rel])
+        out["gen"] = token_accuracy(editor, pr.gen)
+    out["port"] = token_accuracy(editor, pr.port)
+    return out
+
+
+@torch.no_grad()
 def evaluate_task(editor: InstructEditEditor, records: Sequence[TaskRecord], *, instructions: InstructionSet | None,
                   index: int = 0, use_instruction: bool = True, pre: bool = True,
                   fluency: bool = True) -> dict[str, float]:
@@ -136,28 +152,15 @@ def evaluate_task(editor: InstructEditEditor, records: Sequence[TaskRecord], *, 
         conv = rec.task == "convsent"
         ref = argmaxes(editor, pr.loc) if pr.loc else []
         if pre:
-            if conv:
-                acc["pre_rel"].append(float(mean_loglik(editor, pr.question, pr.responses)
-                                            > mean_loglik(editor, pr.question, pr.opposite)))
-                if fluency:
-                    acc["pre_fluency"].append(ngram_entropy(generate(editor, pr.question)))
-            else:
-                acc["pre_rel"].append(token_accuracy(editor, [pr.rel]))
-                acc["pre_gen"].append(token_accuracy(editor, pr.gen))
-            acc["pre_port"].append(token_accuracy(editor, pr.port))
+            for key, value in _edit_metrics(editor, pr, conv, fluency).items():
+                acc[f"pre_{key}"].append(value)
         deltas = editor.edit_deltas([pr.rel[0]], [pr.rel[1]])
         copies = apply_deltas(editor.model, deltas, mode=editor.hparams.apply_mode)
         try:
-            if conv:
-                acc["rel"].append(float(mean_loglik(editor, pr.question, pr.responses)
-                                        > mean_loglik(editor, pr.question, pr.opposite)))
-                if fluency:
-                    acc["fluency"].append(ngram_entropy(generate(editor, pr.question)))
-            else:
-                acc["rel"].append(token_accuracy(editor, [pr.rel]))
-                acc["gen"].append(token_accuracy(editor, pr.gen))
-            acc["loc"].append(agreement(editor, pr.loc, ref))
-            acc["port"].append(token_accuracy(editor, pr.port))
+            post = _edit_metrics(editor, pr, conv, fluency)
+            post["loc"] = agreement(editor, pr.loc, ref)
+            for key, value in post.items():
+                acc[key].append(value)
         finally:
             restore_weights(editor.model, copies)
     out = {k: nanmean(v) for k, v in acc.items()}

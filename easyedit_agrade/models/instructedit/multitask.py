@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...dataset.formats import CONVSENT_QUESTION, CONVSENT_REPHRASE, parse_raw  # noqa: F401  (kept names)
-from ...dataset.schema import FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError
+from ...dataset.schema import (FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError,
+                               easyedit_request)
 
 #: the record format of each task's files (parsed by the one record model in ``dataset/``)
 TASK_FORMATS = {"counterfact": "counterfact", "wikirecent": "knowedit", "convsent": "convsent", "zsre": "zsre"}
@@ -62,17 +63,9 @@ class TaskRecord:
 
     def to_request(self) -> dict:
         """An EasyEdit request dict (unwrapped prompts; see :func:`.instructions.wrap_requests`)."""
-        req: dict[str, Any] = {"prompt": self.prompt, "target_new": self.target_new, "ground_truth": "<|endoftext|>",
-                               "portability": {}, "locality": {}, "task": self.task}
-        if self.subject is not None:
-            req["subject"] = self.subject
-        if self.label is not None:
-            req["label"] = self.label
-        if self.rephrase_prompt is not None:
-            req["rephrase_prompt"] = self.rephrase_prompt
-        if self.locality_prompt is not None and self.locality_ground_truth is not None:
-            req["locality"] = {"neighborhood": {"prompt": self.locality_prompt,
-                                                "ground_truth": self.locality_ground_truth}}
+        req = easyedit_request(self.prompt, self.target_new, task=self.task, subject=self.subject, label=self.label,
+                               rephrase_prompt=self.rephrase_prompt,
+                               neighborhood=(self.locality_prompt, self.locality_ground_truth))
         for i, (p, a) in enumerate(self.portability):
             req["portability"][f"port_{i}"] = {"prompt": p, "ground_truth": a}
         return req
