@@ -13,10 +13,10 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import atomic_dir
 from .paths import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,9 +197,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Convert the GGUF file into an HF directory at ``target``, atomically (temp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    # a concurrent conversion that finished first wins, but only if it is complete
+    with atomic_dir(target, accept_existing=lambda t: (t / _COMPLETE_MARKER).exists()) as tmp:
         tok = build_gguf_tokenizer(gguf)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _fix_special_tokens(tok, model, _gguf_special_tokens(gguf))
@@ -214,13 +213,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         (tmp / _COMPLETE_MARKER).write_text(
             json.dumps({"source": gguf.name, "size": gguf.stat().st_size, "version": _CONVERSION_VERSION})
         )
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).exists():  # a concurrent conversion won the race only if complete
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_embedded_model(root: Path | None = None) -> Path:

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..atomic import atomic_write_text  # noqa: F401  (re-exported: edit_cli and tests import it from here)
 from .methods import ALL_METHODS, METHODS, covariance_note
 
 SCHEMA = "easyedit-agrade-bench/1"
@@ -209,21 +210,6 @@ def environment(seed: int) -> dict:
     except Exception:  # pragma: no cover
         env["easyedit_generation"] = None
     return env
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +30,8 @@ import hashlib
 import warnings
 
 import torch
+
+from ..atomic import atomic_dir, atomic_path
 
 META_KEY = "easyedit_agrade"
 DIGEST_KEY = "easyedit_agrade.sha256"
@@ -51,33 +52,11 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
-def _fsync_replace(tmp: str, path: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def save_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        _fsync_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def load_json(path: str | os.PathLike[str]) -> Any:
@@ -93,15 +72,8 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
     path = Path(path)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {META_KEY: json.dumps(dict(metadata or {}), sort_keys=True), DIGEST_KEY: tensor_digest(flat)}
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=meta)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=meta)
 
 
 def _open_error(path, exc: Exception) -> CorruptFileError:
@@ -222,20 +194,12 @@ def save_training_checkpoint(
     root = Path(root)
     name = f"step-{int(step):08d}"
     final = root / name
-    root.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with atomic_dir(final, replace_existing=True) as tmpdir:
         save_tensors(tmpdir / "model.safetensors", model_state, model_metadata)
         if optimizer_state is not None:
             t, m = optimizer_state_to_tensors(optimizer_state)
             save_tensors(tmpdir / "optimizer.safetensors", t, m)
         save_json(tmpdir / "state.json", dict(state, step=int(step)))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmpdir, final)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
     save_json(root / "latest.json", {"checkpoint": name, "step": int(step)})
     if keep > 0:
         older = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)

@@ -1,8 +1,12 @@
-"""Readers for EasyEdit's edit-record formats, returning one common :class:`EditRecord`.
+"""The AGRADE-style training readers: files of edit records as flat :class:`EditRecord`\ s, and the mixed pool.
+
+:class:`EditRecord` is a flat, frozen view of the one record model (:class:`~.schema.Record`): one edit with one
+equivalent (``rephrase_prompt``) and one unrelated (``locality_prompt -> locality_ground_truth``) probe. The files
+are parsed by the format registry (:mod:`.formats`) with ``require_probes=True``, so a zsRE-MEND or CounterFact-MEND
+record without its rephrase or locality fields is an error:
 
 * zsRE, MEND format (``zsre_mend_*.json``, EasyEdit's ``ZsreDataset``): ``src`` (prompt), ``alt`` (new target),
-  ``rephrase``, ``loc`` (``"nq question: …"``), ``loc_ans``; optional ``subject``, ``answers`` (old answer list),
-  ``portability``.
+  ``rephrase``, ``loc`` (``"nq question: …"``), ``loc_ans``; optional ``subject``, ``answers`` (old answer list).
 * CounterFact, MEND format (``counterfact-{train,val,edit}.json``, EasyEdit's ``CounterFactDataset``):
   ``prompt``, ``target_new``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``; optional
   ``subject``, ``ground_truth``, ``case_id``.
@@ -16,13 +20,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-Format = Literal["auto", "zsre", "counterfact"]
+from .formats import parse_raw
+from .schema import FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError, easyedit_request
 
-
-class RecordFormatError(ValueError):
-    """A record lacks a required field or has one of the wrong type; the message names index and field."""
+#: ``"auto"`` (zsRE or CounterFact-MEND, from the first record) or any name in :data:`.formats.FORMATS`
+Format = str
 
 
 @dataclass(frozen=True)
@@ -43,75 +47,21 @@ class EditRecord:
 
     def to_request(self) -> dict:
         """An EasyEdit request dict (``BaseEditor._prepare_requests`` layout)."""
-        req: dict[str, Any] = {
-            "prompt": self.prompt,
-            "target_new": self.target_new,
-            "ground_truth": self.ground_truth if self.ground_truth is not None else "<|endoftext|>",
-            "portability": {},
-            "locality": {},
-        }
-        if self.subject is not None:
-            req["subject"] = self.subject
-        if self.rephrase_prompt is not None:
-            req["rephrase_prompt"] = self.rephrase_prompt
-        if self.locality_prompt is not None and self.locality_ground_truth is not None:
-            req["locality"] = {"neighborhood": {"prompt": self.locality_prompt,
-                                                "ground_truth": self.locality_ground_truth}}
-        return req
+        return easyedit_request(self.prompt, self.target_new, self.ground_truth, subject=self.subject,
+                                rephrase_prompt=self.rephrase_prompt,
+                                neighborhood=(self.locality_prompt, self.locality_ground_truth))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _text(rec: dict, field: str, i: int, src: str, required: bool = True) -> str | None:
-    value = rec.get(field)
-    if value is None:
-        if required:
-            raise RecordFormatError(f"{src}: record {i}: missing field {field!r}")
-        return None
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        value = value[0]
-    if not isinstance(value, str):
-        raise RecordFormatError(f"{src}: record {i}: field {field!r} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise RecordFormatError(f"{src}: record {i}: field {field!r} is empty")
-    return value
-
-
-def parse_zsre_record(rec: Any, i: int, src: str = "<zsre>") -> EditRecord:
-    if not isinstance(rec, dict):
-        raise RecordFormatError(f"{src}: record {i}: expected an object, got {type(rec).__name__}")
-    answers = rec.get("answers")
-    gt = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], str) else None
-    return EditRecord(
-        prompt=_text(rec, "src", i, src),  # type: ignore[arg-type]
-        target_new=_text(rec, "alt", i, src),  # type: ignore[arg-type]
-        rephrase_prompt=_text(rec, "rephrase", i, src),
-        locality_prompt=_text(rec, "loc", i, src),
-        locality_ground_truth=_text(rec, "loc_ans", i, src),
-        subject=_text(rec, "subject", i, src, required=False),
-        ground_truth=gt,
-        case_id=rec.get("case_id", i),
-        index=i,
-        source=src,
-    )
-
-
-def parse_counterfact_record(rec: Any, i: int, src: str = "<counterfact>") -> EditRecord:
-    if not isinstance(rec, dict):
-        raise RecordFormatError(f"{src}: record {i}: expected an object, got {type(rec).__name__}")
-    return EditRecord(
-        prompt=_text(rec, "prompt", i, src),  # type: ignore[arg-type]
-        target_new=_text(rec, "target_new", i, src),  # type: ignore[arg-type]
-        rephrase_prompt=_text(rec, "rephrase_prompt", i, src),
-        locality_prompt=_text(rec, "locality_prompt", i, src),
-        locality_ground_truth=_text(rec, "locality_ground_truth", i, src),
-        subject=_text(rec, "subject", i, src, required=False),
-        ground_truth=_text(rec, "ground_truth", i, src, required=False),
-        case_id=rec.get("case_id", i),
-        index=i,
-        source=src,
-    )
+    @classmethod
+    def from_record(cls, r: Record) -> "EditRecord":
+        """The flat view of a :class:`~.schema.Record`: its first rephrase and its first locality probe."""
+        loc = r.first_probe(NEIGHBORHOOD, OTHER_ATTRIBUTION, FORGETFULNESS)
+        return cls(prompt=r.prompt, target_new=r.target_new, rephrase_prompt=r.rephrase[0] if r.rephrase else None,
+                   locality_prompt=loc.prompt if loc else None, locality_ground_truth=loc.answer if loc else None,
+                   subject=r.subject, ground_truth=r.ground_truth, case_id=r.case_id, index=r.index,
+                   source=r.source)
 
 
 def detect_format(records: Sequence[Any]) -> str:
@@ -137,24 +87,9 @@ def parse_records(raw: Sequence[Any], fmt: Format = "auto", *, source: str = "<r
     if not isinstance(raw, list):
         raise RecordFormatError(f"{source}: expected a JSON list of records, got {type(raw).__name__}")
     kind = detect_format(raw) if fmt == "auto" else fmt
-    parse = {"zsre": parse_zsre_record, "counterfact": parse_counterfact_record}.get(kind)
-    if parse is None:
-        raise ValueError(f"unknown record format {fmt!r}; expected 'auto', 'zsre' or 'counterfact'")
-    stop = len(raw) if limit is None else min(len(raw), start + limit)
-    if not skip_invalid:
-        return [parse(raw[i], i, source) for i in range(start, stop)]
-    out, errors = [], []
-    for i in range(start, stop):
-        try:
-            out.append(parse(raw[i], i, source))
-        except RecordFormatError as exc:
-            errors.append(str(exc))
-    if errors:
-        import warnings
-
-        warnings.warn(f"{source}: skipped {len(errors)} malformed record(s), first: {errors[0]}", UserWarning,
-                      stacklevel=2)
-    return out
+    parsed = parse_raw(raw, kind, source=source, require_probes=True, start=start, limit=limit,
+                       skip_invalid=skip_invalid)
+    return [EditRecord.from_record(r) for r in parsed.records]
 
 
 def read_records(path: str | os.PathLike[str], fmt: Format = "auto", *, start: int = 0,
@@ -216,15 +151,20 @@ def read_counterfact_mend(path: str | os.PathLike[str], *, start: int = 0, limit
     return read_records(path, "counterfact", start=start, limit=limit, skip_invalid=skip_invalid)
 
 
+def check_request(req: Any, i: int) -> None:
+    """An EasyEdit request dict needs non-empty string ``prompt`` and ``target_new``; the error names ``i``."""
+    if not isinstance(req, dict):
+        raise RecordFormatError(f"request {i}: expected a dict, got {type(req).__name__}")
+    for key in ("prompt", "target_new"):
+        if not isinstance(req.get(key), str) or not req[key].strip():
+            raise RecordFormatError(f"request {i}: field {key!r} is missing or empty")
+
+
 def records_from_requests(requests: Sequence[dict]) -> list[EditRecord]:
     """EasyEdit request dicts (``prompt``, ``target_new``, optional ``rephrase_prompt``, ``locality``) -> records."""
     out = []
     for i, req in enumerate(requests):
-        if not isinstance(req, dict):
-            raise RecordFormatError(f"request {i}: expected a dict, got {type(req).__name__}")
-        for key in ("prompt", "target_new"):
-            if not isinstance(req.get(key), str) or not req[key].strip():
-                raise RecordFormatError(f"request {i}: field {key!r} is missing or empty")
+        check_request(req, i)
         loc_p = loc_a = None
         loc = req.get("locality") or {}
         if isinstance(loc, dict) and loc:

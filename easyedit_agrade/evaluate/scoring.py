@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..core.tokenize import encode_prompt_target, join_prompt_target
+from .metrics import token_accuracy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,10 +41,9 @@ class PairScore:
 
     @property
     def acc(self) -> float:
-        """Fraction of target tokens predicted correctly (EasyEdit's ``test_prediction_acc`` for one record)."""
-        if not self.target:
-            return float("nan")
-        return sum(int(p == t) for p, t in zip(self.pred, self.target)) / len(self.target)
+        """Fraction of target tokens predicted correctly (EasyEdit's ``test_prediction_acc`` for one record; NaN for
+        an empty target): :func:`.metrics.token_accuracy`."""
+        return token_accuracy(self.pred, self.target)
 
     @property
     def exact(self) -> bool:

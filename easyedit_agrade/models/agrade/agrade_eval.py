@@ -5,7 +5,7 @@
 * GS — the same on the rephrased prompt.
 * LS — agreement of the edited model's argmax with the *unedited* model's argmax at the positions predicting the
   locality answer (teacher-forced with ``locality_ground_truth``), per record, then over records.
-* Score — harmonic mean of ES, GS and LS.
+* Score — harmonic mean of ES, GS and LS (NaN-propagating; ``evaluate/metrics.py`` holds the arithmetic).
 
 The layers below the first edited one are run once for all probes (they never change), the pre- and post-edit
 upper passes reuse their output.
@@ -20,25 +20,15 @@ import torch
 
 from ...core.weights import apply_deltas, restore_weights
 from ...dataset.readers import EditRecord
+from ...evaluate import metrics
+from ...evaluate.metrics import per_record_mean, tensor_nanmean
 from .editor import AGRADEEditor, MicroBatch
 
 
 def harmonic_mean(*xs: float) -> float:
-    if any(x <= 0 for x in xs):
-        return 0.0
-    return len(xs) / sum(1.0 / x for x in xs)
-
-
-def per_record_mean(values: torch.Tensor, rows: torch.Tensor, n_records: int) -> torch.Tensor:
-    """Mean of ``values`` grouped by ``rows`` (record index) → (n_records,); records without tokens get NaN."""
-    sums = torch.zeros(n_records, dtype=torch.float64).index_add_(0, rows.cpu(), values.double().cpu())
-    counts = torch.zeros(n_records, dtype=torch.float64).index_add_(0, rows.cpu(), torch.ones_like(values.double().cpu()))
-    return sums / counts
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return float(x.mean()) if x.numel() else float("nan")
+    """The reported ``score``: :func:`evaluate.metrics.harmonic_mean` of the parts with NaN propagating (a part
+    without any probe makes the score NaN; a zero part makes it 0)."""
+    return metrics.harmonic_mean(xs, nan_policy="propagate")  # type: ignore[return-value]
 
 
 @dataclass
@@ -84,7 +74,7 @@ def accuracy(editor: AGRADEEditor, mbs: Sequence[MicroBatch], n: int,
         want = mb.target_labels if reference is None else reference[i]
         vals.append((pred == want).double())
         rows.append(mb.rows)
-    return _nanmean(per_record_mean(torch.cat(vals), torch.cat(rows), n))
+    return tensor_nanmean(per_record_mean(torch.cat(vals), torch.cat(rows), n))
 
 
 @torch.no_grad()

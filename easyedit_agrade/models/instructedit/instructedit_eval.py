@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ...core.weights import apply_deltas, restore_weights
+from ...evaluate.metrics import nanmean, per_record_mean
 from .editor import InstructEditEditor
 from .instructions import InstructionSet
 from .multitask import TaskRecord
@@ -82,10 +83,7 @@ def _logits(editor: InstructEditEditor, pairs: Sequence[tuple[str, str]]):
 
 
 def _per_pair(values: list[torch.Tensor], rows: list[torch.Tensor], n: int) -> torch.Tensor:
-    v, r = torch.cat(values).double(), torch.cat(rows)
-    s = torch.zeros(n, dtype=torch.float64).index_add_(0, r, v)
-    c = torch.zeros(n, dtype=torch.float64).index_add_(0, r, torch.ones_like(v))
-    return s / c
+    return per_record_mean(torch.cat(values), torch.cat(rows), n)
 
 
 @torch.no_grad()
@@ -126,9 +124,20 @@ def generate(editor: InstructEditEditor, prompt: str, max_new_tokens: int = 24) 
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _nanmean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return float(sum(xs) / len(xs)) if xs else float("nan")
+@torch.no_grad()
+def _edit_metrics(editor: InstructEditEditor, pr: Probe, conv: bool, fluency: bool) -> dict[str, float]:
+    """Reliability (ConvSent: log-likelihood preference), generalization or fluency, and portability of the model
+    as it is now (before or after the edit)."""
+    out: dict[str, float] = {}
+    if conv:
+        out["rel"] = float(mean_loglik(editor, pr.question, pr.responses) > mean_loglik(editor, pr.question, pr.opposite))
+        if fluency:
+            out["fluency"] = ngram_entropy(generate(editor, pr.question))
+    else:
+        out["rel"] = token_accuracy(editor, [pr.rel])
+        out["gen"] = token_accuracy(editor, pr.gen)
+    out["port"] = token_accuracy(editor, pr.port)
+    return out
 
 
 @torch.no_grad()
@@ -143,31 +152,18 @@ def evaluate_task(editor: InstructEditEditor, records: Sequence[TaskRecord], *, 
         conv = rec.task == "convsent"
         ref = argmaxes(editor, pr.loc) if pr.loc else []
         if pre:
-            if conv:
-                acc["pre_rel"].append(float(mean_loglik(editor, pr.question, pr.responses)
-                                            > mean_loglik(editor, pr.question, pr.opposite)))
-                if fluency:
-                    acc["pre_fluency"].append(ngram_entropy(generate(editor, pr.question)))
-            else:
-                acc["pre_rel"].append(token_accuracy(editor, [pr.rel]))
-                acc["pre_gen"].append(token_accuracy(editor, pr.gen))
-            acc["pre_port"].append(token_accuracy(editor, pr.port))
+            for key, value in _edit_metrics(editor, pr, conv, fluency).items():
+                acc[f"pre_{key}"].append(value)
         deltas = editor.edit_deltas([pr.rel[0]], [pr.rel[1]])
         copies = apply_deltas(editor.model, deltas, mode=editor.hparams.apply_mode)
         try:
-            if conv:
-                acc["rel"].append(float(mean_loglik(editor, pr.question, pr.responses)
-                                        > mean_loglik(editor, pr.question, pr.opposite)))
-                if fluency:
-                    acc["fluency"].append(ngram_entropy(generate(editor, pr.question)))
-            else:
-                acc["rel"].append(token_accuracy(editor, [pr.rel]))
-                acc["gen"].append(token_accuracy(editor, pr.gen))
-            acc["loc"].append(agreement(editor, pr.loc, ref))
-            acc["port"].append(token_accuracy(editor, pr.port))
+            post = _edit_metrics(editor, pr, conv, fluency)
+            post["loc"] = agreement(editor, pr.loc, ref)
+            for key, value in post.items():
+                acc[key].append(value)
         finally:
             restore_weights(editor.model, copies)
-    out = {k: _nanmean(v) for k, v in acc.items()}
+    out = {k: nanmean(v) for k, v in acc.items()}
     scaled = {k: (100.0 * v if not k.endswith("fluency") and v == v else v) for k, v in out.items()}
     scaled["n"] = float(len(records))
     return scaled

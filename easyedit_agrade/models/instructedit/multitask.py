@@ -1,4 +1,8 @@
-"""The InstructEdit multi-task data: per-task readers, one record type, train/test splits and seeded balancing.
+"""The InstructEdit multi-task data: per-task readers, train/test splits and seeded balancing.
+
+Every task file is parsed once by the record model in ``easyedit_agrade.dataset`` (format per task:
+:data:`TASK_FORMATS`); :class:`TaskRecord` is the flat view of a :class:`~easyedit_agrade.dataset.schema.Record`
+that the InstructEdit editor and metrics read.
 
 Tasks and files (relative to the shared data folder):
 
@@ -26,10 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...dataset.readers import RecordFormatError
+from ...dataset.formats import CONVSENT_QUESTION, CONVSENT_REPHRASE, parse_raw  # noqa: F401  (kept names)
+from ...dataset.schema import (FORGETFULNESS, NEIGHBORHOOD, OTHER_ATTRIBUTION, Record, RecordFormatError,
+                               easyedit_request)
 
-CONVSENT_QUESTION = "What do you think of {ent}?"
-CONVSENT_REPHRASE = "Tell me your opinion of {ent}."
+#: the record format of each task's files (parsed by the one record model in ``dataset/``)
+TASK_FORMATS = {"counterfact": "counterfact", "wikirecent": "knowedit", "convsent": "convsent", "zsre": "zsre"}
+#: portability probes kept per record (WikiRecent has up to a dozen; the first ones in the file's order)
+MAX_PORTABILITY = 2
 
 
 @dataclass
@@ -55,120 +63,52 @@ class TaskRecord:
 
     def to_request(self) -> dict:
         """An EasyEdit request dict (unwrapped prompts; see :func:`.instructions.wrap_requests`)."""
-        req: dict[str, Any] = {"prompt": self.prompt, "target_new": self.target_new, "ground_truth": "<|endoftext|>",
-                               "portability": {}, "locality": {}, "task": self.task}
-        if self.subject is not None:
-            req["subject"] = self.subject
-        if self.label is not None:
-            req["label"] = self.label
-        if self.rephrase_prompt is not None:
-            req["rephrase_prompt"] = self.rephrase_prompt
-        if self.locality_prompt is not None and self.locality_ground_truth is not None:
-            req["locality"] = {"neighborhood": {"prompt": self.locality_prompt,
-                                                "ground_truth": self.locality_ground_truth}}
+        req = easyedit_request(self.prompt, self.target_new, task=self.task, subject=self.subject, label=self.label,
+                               rephrase_prompt=self.rephrase_prompt,
+                               neighborhood=(self.locality_prompt, self.locality_ground_truth))
         for i, (p, a) in enumerate(self.portability):
             req["portability"][f"port_{i}"] = {"prompt": p, "ground_truth": a}
         return req
 
+    @classmethod
+    def from_record(cls, task: str, r: Record) -> "TaskRecord":
+        """The task view of a :class:`~easyedit_agrade.dataset.schema.Record`: its first rephrase, its first
+        locality probe (neighbourhood, else KnowEdit's Relation_Specificity, else Forgetfulness; first alias) and
+        up to :data:`MAX_PORTABILITY` portability probes (first alias each)."""
+        loc = r.first_probe(NEIGHBORHOOD, OTHER_ATTRIBUTION, FORGETFULNESS)
+        port = [(p.prompt, p.answer) for probes in r.portability.values() for p in probes][:MAX_PORTABILITY]
+        return cls(task, r.prompt, r.target_new, rephrase_prompt=r.rephrase[0] if r.rephrase else None,
+                   locality_prompt=loc.prompt if loc else None, locality_ground_truth=loc.answer if loc else None,
+                   portability=port, subject=r.subject, label=r.label, responses=list(r.responses),
+                   opposite=list(r.opposite), other_topic=r.other_topic, index=r.index, source=r.source)
 
-def _need(rec: Any, key: str, i: int, src: str, kind: type | tuple = str) -> Any:
-    if not isinstance(rec, dict):
-        raise RecordFormatError(f"{src}: record {i}: expected an object, got {type(rec).__name__}")
-    if key not in rec or rec[key] is None:
-        raise RecordFormatError(f"{src}: record {i}: missing field {key!r}")
-    v = rec[key]
-    if not isinstance(v, kind):
-        raise RecordFormatError(f"{src}: record {i}: field {key!r} has type {type(v).__name__}")
-    if isinstance(v, (str, list)) and not v:
-        raise RecordFormatError(f"{src}: record {i}: field {key!r} is empty")
-    return v
 
-
-def _first_alias(gt: Any) -> str | None:
-    while isinstance(gt, list):
-        if not gt:
-            return None
-        gt = gt[0]
-    return gt if isinstance(gt, str) and gt.strip() else None
+def parse_task(task: str, raw: Sequence[Any], src: str, *, seed: int = 0) -> list[TaskRecord]:
+    """Raw records of ``task``'s format -> task records (the generalisation and locality fields are required;
+    ConvSent's target sentiments are drawn with ``seed``)."""
+    if task not in TASK_FORMATS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASK_FORMATS)}")
+    options = {"seed": seed} if task == "convsent" else {}
+    parsed = parse_raw(raw, TASK_FORMATS[task], source=src, require_probes=True, field="task", **options)
+    return [TaskRecord.from_record(task, r) for r in parsed.records]
 
 
 def parse_counterfact(raw: Sequence[Any], src: str = "<counterfact>") -> list[TaskRecord]:
-    out = []
-    for i, r in enumerate(raw):
-        out.append(TaskRecord("counterfact", _need(r, "prompt", i, src), _need(r, "target_new", i, src),
-                              rephrase_prompt=_need(r, "rephrase_prompt", i, src),
-                              locality_prompt=_need(r, "locality_prompt", i, src),
-                              locality_ground_truth=_need(r, "locality_ground_truth", i, src),
-                              subject=r.get("subject"), index=i, source=src))
-    return out
+    return parse_task("counterfact", raw, src)
 
 
 def parse_wikirecent(raw: Sequence[Any], src: str = "<wikirecent>") -> list[TaskRecord]:
-    out = []
-    for i, r in enumerate(raw):
-        prompt, target = _need(r, "prompt", i, src), _need(r, "target_new", i, src)
-        if not isinstance(r, dict) or not isinstance(r.get("locality"), dict):
-            raise RecordFormatError(f"{src}: record {i}: missing field 'locality' (an object; may be empty)")
-        loc = r["locality"]
-        loc_p = loc_a = None
-        for key in ("Relation_Specificity", "Forgetfulness"):
-            for item in loc.get(key) or []:
-                if isinstance(item, dict) and isinstance(item.get("prompt"), str) and _first_alias(item.get("ground_truth")):
-                    loc_p, loc_a = item["prompt"], _first_alias(item["ground_truth"])
-                    break
-            if loc_p:
-                break
-        port = []
-        for key, items in (r.get("portability") or {}).items():
-            for item in items or []:
-                a = _first_alias(item.get("ground_truth")) if isinstance(item, dict) else None
-                if a and isinstance(item.get("prompt"), str):
-                    port.append((item["prompt"], a))
-        out.append(TaskRecord("wikirecent", prompt, target, locality_prompt=loc_p, locality_ground_truth=loc_a,
-                              portability=port[:2], subject=r.get("subject"), index=i, source=src))
-    return out
+    return parse_task("wikirecent", raw, src)
 
 
 def parse_convsent(raw: Sequence[Any], src: str = "<convsent>", seed: int = 0, n_responses: int = 5) -> list[TaskRecord]:
     """One record per topic; the target sentiment is drawn per record with ``random.Random(seed)``."""
-    rng = random.Random(seed)
-    out = []
-    ents = []
-    for i, r in enumerate(raw):
-        ent = _need(r, "ent", i, src)
-        pos, neg = _need(r, "pos", i, src, list), _need(r, "neg", i, src, list)
-        if not all(isinstance(x, str) for x in pos + neg):
-            raise RecordFormatError(f"{src}: record {i}: fields 'pos'/'neg' must be lists of strings")
-        label = "positive" if rng.random() < 0.5 else "negative"
-        want, other = (pos, neg) if label == "positive" else (neg, pos)
-        want = [w.strip() for w in want if w.strip()][:n_responses]
-        other = [w.strip() for w in other if w.strip()][:n_responses]
-        if not want or not other:
-            raise RecordFormatError(f"{src}: record {i}: fields 'pos'/'neg' need non-empty responses")
-        ents.append(ent)
-        out.append(TaskRecord("convsent", CONVSENT_QUESTION.format(ent=ent), want[0],
-                              rephrase_prompt=CONVSENT_REPHRASE.format(ent=ent), subject=ent, label=label,
-                              responses=want, opposite=other, index=i, source=src))
-    for k, rec in enumerate(out):  # locality: the next topic's question and one of its responses (unwrapped)
-        j = (k + 1) % len(out)
-        rec.other_topic = out[j].subject
-        rec.locality_prompt = CONVSENT_QUESTION.format(ent=out[j].subject)
-        rec.locality_ground_truth = out[j].responses[0]
-    return out
+    parsed = parse_raw(raw, "convsent", source=src, seed=seed, n_responses=n_responses)
+    return [TaskRecord.from_record("convsent", r) for r in parsed.records]
 
 
 def parse_zsre(raw: Sequence[Any], src: str = "<zsre>") -> list[TaskRecord]:
-    out = []
-    for i, r in enumerate(raw):
-        port = []
-        p = r.get("portability") if isinstance(r, dict) else None
-        if isinstance(p, dict) and isinstance(p.get("New Question"), str) and isinstance(p.get("New Answer"), str):
-            port.append((p["New Question"], p["New Answer"]))
-        out.append(TaskRecord("zsre", _need(r, "src", i, src), _need(r, "alt", i, src),
-                              rephrase_prompt=_need(r, "rephrase", i, src), locality_prompt=_need(r, "loc", i, src),
-                              locality_ground_truth=_need(r, "loc_ans", i, src), portability=port,
-                              subject=r.get("subject"), index=i, source=src))
-    return out
+    return parse_task("zsre", raw, src)
 
 
 PARSERS = {"counterfact": parse_counterfact, "wikirecent": parse_wikirecent, "convsent": parse_convsent,
@@ -200,9 +140,7 @@ def read_task(task: str, path: str | os.PathLike[str], *, seed: int = 0) -> list
         raw = json.load(f)
     if not isinstance(raw, list):
         raise RecordFormatError(f"{p.name}: expected a JSON list of records")
-    if task == "convsent":
-        return parse_convsent(raw, p.name, seed=seed)
-    return PARSERS[task](raw, p.name)
+    return parse_task(task, raw, p.name, seed=seed)
 
 
 def wikirecent_split(records: list[TaskRecord], test_size: int, seed: int = 0) -> tuple[list[TaskRecord], list[TaskRecord]]:
