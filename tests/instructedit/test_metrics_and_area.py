@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from easyedit_agrade.tools.instructedit_editing_area import gram_of_directions, pca_from_gram
-from easyedit_agrade.models.instructedit.instructedit_eval import ngram_entropy
+from easyedit_agrade.models.instructedit.instructedit_eval import fluency
 
 
-def test_ngram_entropy():
-    assert ngram_entropy("a a a a a a") == 0.0  # one repeated bigram and trigram
+def test_fluency_is_eq8_on_whitespace_words():
+    assert fluency("a a a a a a") == 0.0  # one repeated bigram and trigram
     # 4 distinct bigrams, 3 distinct trigrams, all equally frequent
-    assert ngram_entropy("a b c d e") == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
-    assert ngram_entropy("") == 0.0
+    assert fluency("a b c d e") == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
+    assert fluency("") == 0.0
+    # whitespace words: "a," and "a" are different words (NLTK's tokenizer would split the comma off)
+    assert fluency("a, a, a") == pytest.approx(2 / 3 * 1.0 / 2)
 
 
 def test_gram_and_pca_match_flattened_directions():

@@ -13,29 +13,22 @@
 """
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from ...core.weights import apply_deltas, restore_weights
+from ...evaluate.generation import ngram_entropy
 from ...evaluate.metrics import nanmean, per_record_mean
 from .editor import InstructEditEditor
 from .instructions import InstructionSet
 from .multitask import TaskRecord
 
 
-def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
-    """Eq. 8: Σ w_n H_n / Σ w_n with H_n the entropy (bits) of the word n-gram distribution of ``text``."""
-    words = text.split()
-    hs = []
-    for n in ns:
-        grams = Counter(tuple(words[i:i + n]) for i in range(max(0, len(words) - n + 1)))
-        total = sum(grams.values())
-        hs.append(-sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
-    return float(sum(w * h for w, h in zip(weights, hs)) / sum(weights))
+def fluency(text: str) -> float:
+    """Eq. 8 on whitespace words: :func:`~easyedit_agrade.evaluate.generation.ngram_entropy` (weights 2/3, 4/3)."""
+    return ngram_entropy(text, tokens=text.split())
 
 
 @dataclass
@@ -132,7 +125,7 @@ def _edit_metrics(editor: InstructEditEditor, pr: Probe, conv: bool, fluency: bo
     if conv:
         out["rel"] = float(mean_loglik(editor, pr.question, pr.responses) > mean_loglik(editor, pr.question, pr.opposite))
         if fluency:
-            out["fluency"] = ngram_entropy(generate(editor, pr.question))
+            out["fluency"] = fluency(generate(editor, pr.question))
     else:
         out["rel"] = token_accuracy(editor, [pr.rel])
         out["gen"] = token_accuracy(editor, pr.gen)
