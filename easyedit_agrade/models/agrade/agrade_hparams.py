@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, List, Literal, Optional, Union
 
-from ...hparams import HyperParamsError, ValidatedHyperParamsMixin, check_ranges, hyperparams_base
-
-_Base = hyperparams_base()
+from ...core.editor_hparams import EditorHyperParams
+from ...hparams import HyperParamsError
 
 
 @dataclass(frozen=True)
@@ -32,26 +31,19 @@ class Switches:
 
 
 @dataclass
-class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
-    """Editing-time settings of AGRADE. ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML."""
+class AGRADEHyperParams(EditorHyperParams):
+    """Editing-time settings of AGRADE. ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML.
+
+    The shared fields (``model_name``, ``inner_params``, ``device``, ``archive``, ``rank``, ``n_blocks``,
+    ``editor_dtype``, ``max_delta_ratio``, ``apply_mode``, …) are those of
+    :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`; the ones re-declared here change the default."""
 
     ALG_NAME: ClassVar[str] = "AGRADE"
 
-    model_name: str
-    #: edited weights (the second FFN linear of the last 6 layers), e.g. ``model.layers.24.mlp.down_proj.weight``
-    inner_params: List[str]
     alg_name: str = "AGRADE"
-    #: EasyEdit's device field: a CUDA index, or ``"cpu"``
-    device: Union[int, str] = 0
-    model_parallel: bool = False
-    #: trained hypernetwork (.safetensors); None finds the shipped archive for this model under ``archives/``
-    archive: Optional[str] = None
     #: edits applied in one solve (``BaseEditor.batch_edit`` chunks requests by this; so does the executor)
     batch_size: int = 256
     max_length: int = 40
-    #: hypernetwork shape (must match the archive)
-    rank: int = 128
-    n_blocks: int = 2
     #: initial per-module η (eq 1) and log-regulariser λ (eq 3) before training
     eta_init: float = 1e-3
     log_lambda_init: float = 0.0
@@ -69,7 +61,6 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: system temp dir; deleted afterwards) instead of memory: editor memory then does not grow with the edits
     cache_spill: bool = False
     cache_spill_dir: Optional[str] = None
-    editor_dtype: Literal["float32", "float64"] = "float32"
     kernels_backend: Optional[Literal["auto", "torch", "triton"]] = None
     #: target positions whose edited-module input row is longer than this many times the median row (massive
     #: activations of attention-sink tokens) get G = 0 in that module; None: off. See ``models/agrade/outliers.py``
@@ -104,27 +95,12 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: when editing with the e^μ C₀ term: raise log μ per module in steps of 1 until that predicted output change
     #: is at most this (a batch-size-aware μ; None: the learned μ + log_mu_offset as they are)
     preserved_change_budget: Optional[float] = None
-    #: refuse an edit (model untouched) whose ‖ΔW‖_F/‖W‖_F exceeds this in some module; None: off. Largest module
-    #: ratio measured with the shipped archive on the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18,
-    #: 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7 (the largest documented batch; bench pool 512, which
-    #: collapses the model, 5.6). A bound against blow-ups (orders of magnitude), not a quality gate; see
-    #: ``core/edit_report.py``
-    max_delta_ratio: Optional[float] = 10.0
-    #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
-    #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
-    #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
-    apply_mode: Literal["auto", "inplace", "hook"] = "auto"
-    extra: dict = field(default_factory=dict)
+    # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
+    # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
+    # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
 
     def __post_init__(self) -> None:
-        check_ranges(self)
-        from ...integration.device import resolve_device
-
-        self.device = resolve_device(self.device)  # device: 0 without CUDA on upstream EasyEdit -> "cpu"
-        if self.rank < 1 or self.n_blocks < 0:
-            raise HyperParamsError("rank must be >= 1 and n_blocks >= 0")
-        if not self.inner_params:
-            raise HyperParamsError("inner_params must name at least one weight")
+        super().__post_init__()
         if self.max_key_norm_ratio is not None and not self.max_key_norm_ratio > 1:
             raise HyperParamsError("max_key_norm_ratio must be > 1 (or null to turn the check off)")
         if self.max_row_zscore is not None and not self.max_row_zscore > 0:
@@ -143,13 +119,6 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
-        # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
-        # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
-        # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.
-        if type(self.model_name) is str:
-            from ...integration.preloaded import PreloadedModel
-
-            self.model_name = PreloadedModel(self.model_name)
 
     def uses_preserved_keys(self) -> bool:
         """Whether eq 3 uses C₀'s statistics (the e^μ C₀ term, the null-space restriction, or both)."""
@@ -160,11 +129,6 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             return Switches(self.use_adjustment, self.use_regularization, False, self.use_gradient_projection)
         return Switches(self.use_adjustment, self.use_regularization, self.use_weight_projection,
                         self.use_gradient_projection)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["model_name"] = str(self.model_name)
-        return out
 
     #: fields that change the trained network or its meaning (checked against an archive's metadata)
     ARCHIVE_KEYS: ClassVar[tuple[str, ...]] = ("rank", "n_blocks", "inner_params", "preset", "use_adjustment",
