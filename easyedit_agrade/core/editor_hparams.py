@@ -75,3 +75,32 @@ class EditorHyperParams(ValidatedHyperParamsMixin, _Base):
         out = super().to_dict()
         out["model_name"] = str(self.model_name)  # a PreloadedModel (an already-loaded model) as its plain name
         return out
+
+
+@dataclass(kw_only=True)
+class EditorTrainingFields:
+    """The training fields every hypernetwork trainer reads (``hparams/TRAINING/<METHOD>/<model>.yaml``).
+
+    A method's training class lists this first among its bases, after its editing class's fields come these:
+    ``class AGRADETrainingHyperParams(EditorTrainingFields, AGRADEHyperParams)``, declared
+    ``@dataclass(kw_only=True)`` so that its own fields, all with defaults, may follow the editing class's
+    required ``model_name`` / ``inner_params``. Fields re-declared there change the default."""
+
+    #: edits per hypernetwork update
+    n_edits: int = 1
+    #: Adam learning rate of the network body
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    #: weights of the edit-prompt cross-entropy and the unrelated-prompt KL in the training loss
+    edit_coef: float = 1.0
+    loc_coef: float = 1.0
+    max_steps: int = 1000
+    val_every: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    #: dtype of the frozen layers below the first edited one *during training* (bf16 is ~3x faster on CPU; the
+    #: edited layers, the cached rows, ΔW and the hypernetwork stay in editor_dtype). Editing always uses the
+    #: model's dtype
+    train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
+    #: where checkpoints go (``--out`` overrides); the best network is exported to ``<out>/best.safetensors``
+    results_dir: str = "runs/editor"

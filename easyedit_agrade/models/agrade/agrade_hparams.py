@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, List, Literal, Optional, Union
 
-from ...core.editor_hparams import EditorHyperParams
+from ...core.editor_hparams import EditorHyperParams, EditorTrainingFields
 from ...hparams import HyperParamsError
 
 
@@ -136,9 +136,11 @@ class AGRADEHyperParams(EditorHyperParams):
                                                "use_gradient_projection")
 
 
-@dataclass
-class AGRADETrainingHyperParams(AGRADEHyperParams):
-    """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields plus these."""
+@dataclass(kw_only=True)
+class AGRADETrainingHyperParams(EditorTrainingFields, AGRADEHyperParams):
+    """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields, the shared training fields
+    (:class:`~easyedit_agrade.core.editor_hparams.EditorTrainingFields`: ``lr``, ``max_grad_norm``, ``loc_coef``,
+    ``max_steps``, ``seed``, ``train_lower_dtype``, …) plus these."""
 
     #: training / validation records (a path, or relative to the shared data folder), zsRE-MEND or CounterFact-MEND
     #: a file, or a mixed pool: a list of ``path[@start:stop]`` entries (balanced to the smallest, interleaved),
@@ -151,29 +153,19 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     val_size: int = 256
     #: edits per training step (the paper uses 8192 on an A800)
     n_edits: int = 64
-    #: Adam learning rates: network body, η, λ
-    lr: float = 1e-4
+    #: Adam learning rates of η and λ (the body's: ``lr``)
     eta_lr: float = 3e-5
     lambda_lr: float = 1e-2
     #: μ's own Adam group (the preserved-knowledge term; only with use_preserved_cov)
     mu_lr: float = 1e-2
-    max_grad_norm: float = 1.0
     #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts);
     #: the paper (and MALMEN) train on the equivalent and unrelated prompts only: edit_coef 0
     gen_coef: float = 1.0
     edit_coef: float = 0.0
-    loc_coef: float = 1.0
-    max_steps: int = 1000
-    val_every: int = 50
     #: early stopping: stop after ``patience`` validations without improvement of ``early_stop_key``
     early_stop_key: Literal["score", "es", "gs", "ls", "loss"] = "score"
     patience: int = 8
     checkpoint_every: int = 25
-    seed: int = 0
-    #: dtype of the frozen layers below the first edited one *during training* (bf16 is ~3x faster on CPU;
-    #: H, ∇G, ΔW, the solve and the edited layers stay in editor_dtype). Editing always uses the model's dtype.
-    train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
-    #: where checkpoints go (``--out`` overrides); the best network is exported to ``<out>/best.safetensors``
     results_dir: str = "runs/agrade"
     #: start from this trained archive's network instead of a fresh one (fresh optimiser; ``--init-from``)
     init_archive: Optional[str] = None

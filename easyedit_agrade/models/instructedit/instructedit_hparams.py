@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Literal, Optional
+from typing import ClassVar, List, Optional
 
-from ...core.editor_hparams import EditorHyperParams
+from ...core.editor_hparams import EditorHyperParams, EditorTrainingFields
 from ...hparams import HyperParamsError
 
 
@@ -52,9 +52,12 @@ class InstructEditHyperParams(EditorHyperParams):
             raise HyperParamsError("instruction_index must be >= 0")
 
 
-@dataclass
-class InstructEditTrainingHyperParams(InstructEditHyperParams):
-    """Training settings (``hparams/TRAINING/InstructEdit/<model>.yaml``): the editing fields plus these."""
+@dataclass(kw_only=True)
+class InstructEditTrainingHyperParams(EditorTrainingFields, InstructEditHyperParams):
+    """Training settings (``hparams/TRAINING/InstructEdit/<model>.yaml``): the editing fields, the shared training
+    fields (:class:`~easyedit_agrade.core.editor_hparams.EditorTrainingFields`: ``n_edits`` — edits per
+    hypernetwork update, applied as one ΔW —, ``lr``, ``max_grad_norm``, ``edit_coef``, ``loc_coef``,
+    ``max_steps``, ``checkpoint_every``, ``seed``, ``train_lower_dtype``, …) plus these."""
 
     #: training tasks (zsRE is the held-out task and may not be listed)
     tasks: List[str] = field(default_factory=lambda: ["counterfact", "wikirecent", "convsent"])
@@ -67,25 +70,15 @@ class InstructEditTrainingHyperParams(InstructEditHyperParams):
     recent_test_size: int = 100
     #: validation records per task (taken from the test files' tail, disjoint from the Table-3 test slice)
     val_per_task: int = 8
-    #: edits per hypernetwork update (applied as one ΔW), and updates accumulated per optimizer step
-    n_edits: int = 1
+    #: updates (of ``n_edits`` each) accumulated per optimizer step
     accumulate: int = 2
-    #: Adam learning rates: network body and the per-module edit lr
-    lr: float = 1e-4
+    #: Adam learning rate of the per-module edit lr (the body's: ``lr``)
     lr_lr: float = 1e-4
-    max_grad_norm: float = 1.0
     #: L = edit_coef·CE(equivalent prompts) + edit_coef·CE(edit prompt)·inner_coef + loc_coef·KL(unrelated)
-    edit_coef: float = 1.0
     inner_coef: float = 0.5
-    loc_coef: float = 1.0
-    max_steps: int = 1000
     #: stop cleanly (with a checkpoint) once this much training wall time is spent (None: no limit)
     max_wall_s: Optional[float] = None
     val_every: int = 100
-    checkpoint_every: int = 50
-    seed: int = 0
-    #: dtype of the frozen layers below the first edited one during training (bf16 is much faster on CPU)
-    train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
     results_dir: str = "runs/instructedit"
 
     def __post_init__(self) -> None:
