@@ -18,6 +18,9 @@ Cases (the records are read through :func:`easyedit_agrade.paths.data_file`):
 * ``malmen``: ``preset: malmen`` with ``use_preserved_cov: false`` (the MALMEN archive);
 * ``instructedit``: ``hparams/InstructEdit/smollm2-135m.yaml`` (one ΔW per record, applied in sequence).
 
+``scripts/delta_identity_d2f7206.json`` is the record of commit d2f7206 (before the hypernetwork-editor base moved
+into ``core/``), made on the project's 2-core CPU machine with torch 2.14.1 and one thread.
+
 Each on the first 8 records of ``counterfact/counterfact-val.json`` and of the zsRE eval file. Bit-identity needs
 the same machine, library versions and thread count on both runs (hence ``OMP_NUM_THREADS=1``; the script also
 sets ``torch.set_num_threads(1)``).
