@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -193,6 +193,27 @@ def _add_delta_hook(module: nn.Module, delta: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
+def _output_hooks(model: nn.Module, deltas: Mapping[str, torch.Tensor],
+                  add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside: every module named in ``deltas`` returns ``add(output, input, ΔW)`` (shape-checked); the hooks
+    are removed on exit."""
+    handles = []
+    try:
+        for name, delta in deltas.items():
+            module = get_module(model, name)
+            delta_to_weight_layout(module, delta)  # shape check
+
+            def hook(_m: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, d: torch.Tensor = delta):
+                return add(output, inputs[0], d)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def delta_leaves(model: nn.Module, deltas: Mapping[str, torch.Tensor], *,
                  dtype: torch.dtype | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Differentiable edits for training; yields ``{module_name: D}``.
@@ -206,23 +227,28 @@ def delta_leaves(model: nn.Module, deltas: Mapping[str, torch.Tensor], *,
     is the caller's business (use ``torch.enable_grad()`` and freeze the model's own parameters).
     """
     leaves: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name, delta in deltas.items():
-            module = get_module(model, name)
-            delta_to_weight_layout(module, delta)  # shape check
-            leaf = delta.detach().to(device=module.weight.device, dtype=dtype or _accum_dtype(delta)).clone()
-            leaf.requires_grad_(True)
-            leaves[name] = leaf
-
-            def hook(_m: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, d: torch.Tensor = leaf):
-                return _plus_x_delta(output, inputs[0], d)
-
-            handles.append(module.register_forward_hook(hook))
+    for name, delta in deltas.items():
+        module = get_module(model, name)
+        delta_to_weight_layout(module, delta)  # shape check before any copy
+        leaves[name] = delta.detach().to(device=module.weight.device,
+                                         dtype=dtype or _accum_dtype(delta)).clone().requires_grad_(True)
+    with _output_hooks(model, leaves, _plus_x_delta):
         yield leaves
-    finally:
-        for h in handles:
-            h.remove()
+
+
+def _plus_rounded_x_delta(output: torch.Tensor, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``output + round(x @ ΔW)``: the product in ΔW's dtype, rounded to the output's dtype, then added."""
+    return output + (x.to(delta.dtype) @ delta).to(output.dtype)
+
+
+@contextlib.contextmanager
+def delta_hooks(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: each module's output gets ``+ x @ ΔW`` for the given tensors *as they are* — differentiable w.r.t.
+    whatever produced ΔW (MEND-style training backpropagates through ΔW into the hypernetwork; the weights are
+    untouched). The product is formed in ΔW's dtype and rounded to the output's dtype before it is added. For
+    g_θ = ∂L/∂ΔW as a leaf (AGRADE's training) use :func:`delta_leaves`."""
+    with _output_hooks(model, deltas, _plus_rounded_x_delta):
+        yield
 
 
 def remove_delta_hooks(model: nn.Module) -> int:

@@ -8,7 +8,8 @@ The shipped YAMLs say ``device: 0`` (a CUDA index, EasyEdit's convention). Witho
 * the **PyPI wheel** formats ``f"cuda:{device}"`` itself (``"cpu"`` would become ``"cuda:cpu"``): the index is
   kept and its CUDA calls are run under :func:`~easyedit_agrade.integration.cpu_compat.cuda_on_cpu`.
 
-With CUDA available nothing changes. Applied by our hyperparameter classes and by
+With CUDA available nothing changes. Applied to our hyperparameters when a ``BaseEditor`` is built
+(:func:`~easyedit_agrade.integration.preloaded.adapt_hparams`) and by
 :func:`~easyedit_agrade.integration.baselines.load_easyedit_hparams`.
 """
 from __future__ import annotations

@@ -14,6 +14,13 @@ Padding. ``BaseEditor`` sets the tokenizer's padding side only in its name-based
 padding (ROME with left padding computes its key at the wrong position and silently does not edit).
 :func:`patch_base_editor` (applied by :func:`easyedit_agrade.register`) makes every ``BaseEditor`` built on a
 :class:`PreloadedModel` set the side for its ``alg_name``, whichever way the hparams were made.
+
+Our methods' hyperparameters. The same patch first runs :func:`adapt_hparams` on hyperparameters of our editors
+(:class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`): a plain ``model_name`` becomes a
+:class:`PreloadedModel` and ``device: 0`` becomes ``"cpu"`` on upstream EasyEdit without CUDA
+(:func:`~easyedit_agrade.integration.device.resolve_device`), so ``BaseEditor.from_hparams(
+AGRADEHyperParams.from_hparams("hparams/AGRADE/smollm2-135m"))`` works with the YAML as shipped while the
+hyperparameter classes themselves know nothing of EasyEdit's quirks.
 """
 from __future__ import annotations
 
@@ -74,15 +81,34 @@ def as_easyedit_model_name(name_or_path: str | os.PathLike[str], model: Any = No
     return PreloadedModel(name_or_path, model, tok)
 
 
+def adapt_hparams(hparams: Any) -> Any:
+    """Make our editors' hyperparameters (:class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`) fit
+    EasyEdit's ``BaseEditor``, in place: a plain-``str`` ``model_name`` (EasyEdit 0.0.1.dev0 cannot load SmolLM2,
+    or any model whose name lacks ``'gpt'``/``'llama'``/…, by name) becomes a :class:`PreloadedModel`, so
+    ``BaseEditor`` takes its "(model, tokenizer) given" branch and loads it through :mod:`easyedit_agrade.lm`;
+    ``device`` goes through :func:`~easyedit_agrade.integration.device.resolve_device`. Other hyperparameters
+    (EasyEdit's own classes) are left alone. Returns ``hparams``."""
+    from ..core.editor_hparams import EditorHyperParams
+    from .device import resolve_device
+
+    if isinstance(hparams, EditorHyperParams):
+        if type(hparams.model_name) is str:
+            hparams.model_name = PreloadedModel(hparams.model_name)
+        hparams.device = resolve_device(hparams.device)  # device: 0 without CUDA on upstream EasyEdit -> "cpu"
+    return hparams
+
+
 def patch_base_editor(base_editor_cls: Any) -> None:
-    """Wrap ``BaseEditor.__init__`` (once) so that an editor whose ``hparams.model_name`` is a
-    :class:`PreloadedModel` pads as EasyEdit's name-based branch would for ``hparams.alg_name``."""
+    """Wrap ``BaseEditor.__init__`` (once): our methods' hyperparameters are adapted first (:func:`adapt_hparams`),
+    and an editor whose ``hparams.model_name`` is a :class:`PreloadedModel` pads as EasyEdit's name-based branch
+    would for ``hparams.alg_name``."""
     current = base_editor_cls.__init__
     if getattr(current, "_easyedit_agrade", False):
         return
 
     @functools.wraps(current)
     def __init__(self, hparams, *args, **kwargs):
+        adapt_hparams(hparams)
         current(self, hparams, *args, **kwargs)
         tok = getattr(self, "tok", None)
         if isinstance(getattr(hparams, "model_name", None), PreloadedModel) and tok is not None:

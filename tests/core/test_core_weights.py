@@ -76,3 +76,27 @@ def test_wrong_shape_refused():
     m = _model("conv1d")
     with pytest.raises(ValueError):
         apply_deltas(m, {"proj": torch.zeros(4, 6)})
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_delta_hooks_backpropagate_into_what_made_delta_and_are_removed(kind):
+    """``delta_hooks`` (InstructEdit's training): output = out + round(x @ ΔW) for ΔW as given, the gradient
+    reaches the tensor ΔW was computed from, the weights are never written and the hooks go on exit."""
+    from easyedit_agrade.core.weights import delta_hooks
+
+    m = _model(kind)
+    w0 = m.proj.weight.detach().clone()
+    x = torch.randn(3, 6)
+    y0 = m.proj(x)
+    source = torch.randn(6, 4, requires_grad=True)
+    delta = 2.0 * source  # not a leaf: MEND-style training differentiates through it
+    with delta_hooks(m, {"proj": delta}):
+        y = m.proj(x)
+        assert torch.equal(y, y0 + x @ delta)
+        y.sum().backward()
+    assert torch.allclose(source.grad, 2.0 * x.sum(0)[:, None].expand(6, 4))
+    assert torch.equal(m.proj.weight, w0) and torch.equal(m.proj(x), y0)
+    with pytest.raises(ValueError, match="shape"):
+        with delta_hooks(m, {"proj": torch.zeros(4, 6)}):
+            pass
+    assert torch.equal(m.proj(x), y0)  # nothing left behind after the refused shape either

@@ -67,11 +67,13 @@ def _acc(metrics, stage, key="rewrite_acc"):
 
 
 def test_shipped_yaml_device_resolves_for_this_machine(generation):
+    """The device as ``BaseEditor`` gets it: its patched ``__init__`` runs ``adapt_hparams`` first."""
+    from easyedit_agrade.integration.preloaded import adapt_hparams
     from easyedit_agrade.models.agrade import AGRADEHyperParams
     from easyedit_agrade.models.instructedit import InstructEditHyperParams
 
     for cls, alg in ((AGRADEHyperParams, "AGRADE"), (InstructEditHyperParams, "InstructEdit")):
-        hp = cls.from_hparams(REPO_ROOT / f"hparams/{alg}/smollm2-135m")
+        hp = adapt_hparams(cls.from_hparams(REPO_ROOT / f"hparams/{alg}/smollm2-135m"))
         if torch.cuda.is_available():
             assert hp.device == 0
         else:  # upstream understands "cpu"; the wheel formats cuda:{device} and keeps the index for cuda_on_cpu

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, List, Literal, Optional, Union
 
-from ...hparams import HyperParamsError, ValidatedHyperParamsMixin, check_ranges, hyperparams_base
-
-_Base = hyperparams_base()
+from ...core.editor_hparams import EditorHyperParams, EditorTrainingFields
+from ...hparams import HyperParamsError
 
 
 @dataclass(frozen=True)
@@ -32,26 +31,19 @@ class Switches:
 
 
 @dataclass
-class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
-    """Editing-time settings of AGRADE. ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML."""
+class AGRADEHyperParams(EditorHyperParams):
+    """Editing-time settings of AGRADE. ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML.
+
+    The shared fields (``model_name``, ``inner_params``, ``device``, ``archive``, ``rank``, ``n_blocks``,
+    ``editor_dtype``, ``max_delta_ratio``, ``apply_mode``, …) are those of
+    :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`; the ones re-declared here change the default."""
 
     ALG_NAME: ClassVar[str] = "AGRADE"
 
-    model_name: str
-    #: edited weights (the second FFN linear of the last 6 layers), e.g. ``model.layers.24.mlp.down_proj.weight``
-    inner_params: List[str]
     alg_name: str = "AGRADE"
-    #: EasyEdit's device field: a CUDA index, or ``"cpu"``
-    device: Union[int, str] = 0
-    model_parallel: bool = False
-    #: trained hypernetwork (.safetensors); None finds the shipped archive for this model under ``archives/``
-    archive: Optional[str] = None
     #: edits applied in one solve (``BaseEditor.batch_edit`` chunks requests by this; so does the executor)
     batch_size: int = 256
     max_length: int = 40
-    #: hypernetwork shape (must match the archive)
-    rank: int = 128
-    n_blocks: int = 2
     #: initial per-module η (eq 1) and log-regulariser λ (eq 3) before training
     eta_init: float = 1e-3
     log_lambda_init: float = 0.0
@@ -69,7 +61,6 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: system temp dir; deleted afterwards) instead of memory: editor memory then does not grow with the edits
     cache_spill: bool = False
     cache_spill_dir: Optional[str] = None
-    editor_dtype: Literal["float32", "float64"] = "float32"
     kernels_backend: Optional[Literal["auto", "torch", "triton"]] = None
     #: target positions whose edited-module input row is longer than this many times the median row (massive
     #: activations of attention-sink tokens) get G = 0 in that module; None: off. See ``models/agrade/outliers.py``
@@ -104,27 +95,12 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
     #: when editing with the e^μ C₀ term: raise log μ per module in steps of 1 until that predicted output change
     #: is at most this (a batch-size-aware μ; None: the learned μ + log_mu_offset as they are)
     preserved_change_budget: Optional[float] = None
-    #: refuse an edit (model untouched) whose ‖ΔW‖_F/‖W‖_F exceeds this in some module; None: off. Largest module
-    #: ratio measured with the shipped archive on the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18,
-    #: 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7 (the largest documented batch; bench pool 512, which
-    #: collapses the model, 5.6). A bound against blow-ups (orders of magnitude), not a quality gate; see
-    #: ``core/edit_report.py``
-    max_delta_ratio: Optional[float] = 10.0
-    #: how ΔW enters the weights. ``auto``: the executor (whose weights_copy EasyEdit restores with
-    #: ``param[...] = v``) writes round(w32 + ΔW) in place for every dtype; the evaluation loops (restored by
-    #: ``restore_weights``) use an fp32 hook for bf16/fp16 weights. See ``core/weights.py``.
-    apply_mode: Literal["auto", "inplace", "hook"] = "auto"
-    extra: dict = field(default_factory=dict)
+    # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
+    # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
+    # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
 
     def __post_init__(self) -> None:
-        check_ranges(self)
-        from ...integration.device import resolve_device
-
-        self.device = resolve_device(self.device)  # device: 0 without CUDA on upstream EasyEdit -> "cpu"
-        if self.rank < 1 or self.n_blocks < 0:
-            raise HyperParamsError("rank must be >= 1 and n_blocks >= 0")
-        if not self.inner_params:
-            raise HyperParamsError("inner_params must name at least one weight")
+        super().__post_init__()
         if self.max_key_norm_ratio is not None and not self.max_key_norm_ratio > 1:
             raise HyperParamsError("max_key_norm_ratio must be > 1 (or null to turn the check off)")
         if self.max_row_zscore is not None and not self.max_row_zscore > 0:
@@ -143,13 +119,6 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
-        # EasyEdit 0.0.1.dev0 cannot load SmolLM2 (or any model whose name lacks 'gpt'/'llama'/…) by name; a
-        # PreloadedModel name makes BaseEditor take its "(model, tokenizer) given" branch and load it through
-        # easyedit_agrade.lm instead. Imported here, lazily, so hparams stay usable without EasyEdit.
-        if type(self.model_name) is str:
-            from ...integration.preloaded import PreloadedModel
-
-            self.model_name = PreloadedModel(self.model_name)
 
     def uses_preserved_keys(self) -> bool:
         """Whether eq 3 uses C₀'s statistics (the e^μ C₀ term, the null-space restriction, or both)."""
@@ -161,20 +130,17 @@ class AGRADEHyperParams(ValidatedHyperParamsMixin, _Base):
         return Switches(self.use_adjustment, self.use_regularization, self.use_weight_projection,
                         self.use_gradient_projection)
 
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["model_name"] = str(self.model_name)
-        return out
-
     #: fields that change the trained network or its meaning (checked against an archive's metadata)
     ARCHIVE_KEYS: ClassVar[tuple[str, ...]] = ("rank", "n_blocks", "inner_params", "preset", "use_adjustment",
                                                "use_regularization", "use_weight_projection",
                                                "use_gradient_projection")
 
 
-@dataclass
-class AGRADETrainingHyperParams(AGRADEHyperParams):
-    """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields plus these."""
+@dataclass(kw_only=True)
+class AGRADETrainingHyperParams(EditorTrainingFields, AGRADEHyperParams):
+    """Training settings (``hparams/TRAINING/AGRADE/<model>.yaml``): the editing fields, the shared training fields
+    (:class:`~easyedit_agrade.core.editor_hparams.EditorTrainingFields`: ``lr``, ``max_grad_norm``, ``loc_coef``,
+    ``max_steps``, ``seed``, ``train_lower_dtype``, …) plus these."""
 
     #: training / validation records (a path, or relative to the shared data folder), zsRE-MEND or CounterFact-MEND
     #: a file, or a mixed pool: a list of ``path[@start:stop]`` entries (balanced to the smallest, interleaved),
@@ -187,29 +153,19 @@ class AGRADETrainingHyperParams(AGRADEHyperParams):
     val_size: int = 256
     #: edits per training step (the paper uses 8192 on an A800)
     n_edits: int = 64
-    #: Adam learning rates: network body, η, λ
-    lr: float = 1e-4
+    #: Adam learning rates of η and λ (the body's: ``lr``)
     eta_lr: float = 3e-5
     lambda_lr: float = 1e-2
     #: μ's own Adam group (the preserved-knowledge term; only with use_preserved_cov)
     mu_lr: float = 1e-2
-    max_grad_norm: float = 1.0
     #: L = gen_coef · CE(equivalent prompts) + edit_coef · CE(edit prompts) + loc_coef · KL(unrelated prompts);
     #: the paper (and MALMEN) train on the equivalent and unrelated prompts only: edit_coef 0
     gen_coef: float = 1.0
     edit_coef: float = 0.0
-    loc_coef: float = 1.0
-    max_steps: int = 1000
-    val_every: int = 50
     #: early stopping: stop after ``patience`` validations without improvement of ``early_stop_key``
     early_stop_key: Literal["score", "es", "gs", "ls", "loss"] = "score"
     patience: int = 8
     checkpoint_every: int = 25
-    seed: int = 0
-    #: dtype of the frozen layers below the first edited one *during training* (bf16 is ~3x faster on CPU;
-    #: H, ∇G, ΔW, the solve and the edited layers stay in editor_dtype). Editing always uses the model's dtype.
-    train_lower_dtype: Optional[Literal["bfloat16", "float32"]] = None
-    #: where checkpoints go (``--out`` overrides); the best network is exported to ``<out>/best.safetensors``
     results_dir: str = "runs/agrade"
     #: start from this trained archive's network instead of a fresh one (fresh optimiser; ``--init-from``)
     init_archive: Optional[str] = None

@@ -21,16 +21,12 @@
 """
 from __future__ import annotations
 
-import copy as _copy
 from typing import Any
 
 import torch
 
 from ...core.archive_cache import ArchiveCache
-from ...core.edit_report import EditedWeights, EditReport, refuse_large_deltas, remember
-from ...core.request_checks import check_lengths
-from ...core.tokenize import check_prompt_targets
-from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
+from ...core.executor import check_requests, edit_in_chunks, run_easyedit_executor
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
@@ -67,27 +63,17 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     if nets is None:
         nets, _ = _networks_for(model, hparams)
     records = records_from_requests(requests)
-    check_lengths(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,
-                  method="AGRADE")
-    check_prompt_targets(tok, [r.prompt for r in records], [r.target_new for r in records],
-                         max_length=hparams.max_length)  # other tokenisation errors: the caller's index too
+    check_requests(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,
+                   method="AGRADE")
     editor = CountingAGRADEEditor(model, tok, hparams, nets)
-    weights_copy = EditedWeights(report=EditReport("AGRADE", n_requests=len(records)))  # + what the call did
-    masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights: each chunk's ΔW is rounded in once
-    mode = executor_apply_mode(hparams.apply_mode)
-    try:
-        for start in range(0, len(records), hparams.batch_size):
-            chunk = coll.shard(records[start:start + hparams.batch_size])
-            result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
-            note_suppressed(editor, weights_copy.report)  # warns when the outlier guards left nothing to edit
-            refuse_large_deltas(model, result.deltas, hparams.max_delta_ratio, weights_copy.report, weights_copy)
-            apply_deltas(model, result.deltas, mode=mode, weights_copy=weights_copy, masters=masters)
-            weights_copy.report.chunks += 1
-    except BaseException:
-        restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
-        raise
-    remember(model, weights_copy.report)
-    return weights_copy
+
+    def edit_chunk(start: int, stop: int, report) -> dict[str, torch.Tensor]:
+        chunk = coll.shard(records[start:stop])
+        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
+        note_suppressed(editor, report)  # warns when the outlier guards left nothing to edit
+        return result.deltas
+
+    return edit_in_chunks(model, hparams, "AGRADE", len(records), edit_chunk)
 
 
 def apply_agrade_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -98,11 +84,5 @@ def apply_agrade_to_model(model, tok, requests, hparams, copy=False, return_orig
     is true, else it is empty. ``keep_original_weight`` is accepted for EasyEdit's signature; each call's ΔW is
     computed for the model as it is when called.
     """
-    if isinstance(requests, dict):
-        requests = [requests]
-    if not requests:
-        return model, {}
-    if copy:
-        model = _copy.deepcopy(model)
-    weights_copy = execute_agrade(model, tok, requests, hparams)
-    return model, (weights_copy if return_orig_weights else EditedWeights(report=weights_copy.report))
+    return run_easyedit_executor(execute_agrade, model, tok, requests, hparams, copy=copy,
+                                 return_orig_weights=return_orig_weights)

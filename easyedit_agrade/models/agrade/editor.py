@@ -23,63 +23,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...core.cache import KeyGradCache, LayerStack, cache_keys_and_grads
+from ...core.cache import KeyGradCache, LayerStack
+from ...core.editor_base import HypernetEditor, MicroBatch, encode_micro_batches  # noqa: F401 (re-exported)
 from ...core.hypernet import EditorNetworks
-from ...core.tokenize import encode_prompt_target
 from ...distributed.collective import Collective
 from ...kernels import choose_method
 from ...kernels.preserved import PreservedKeys
 from . import equations as eq
 from .outliers import out_of_distribution_rows, row_norm_median, suppress_massive_rows, suppress_rows
 from .agrade_hparams import AGRADEHyperParams, Switches
-
-
-@dataclass
-class MicroBatch:
-    """One tokenised micro-batch: ids, attention, predict mask (positions predicting a target token), labels
-    aligned with those positions (``shifted_labels``), and ``record_ids`` = the record index of each row."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    predict_mask: torch.Tensor
-    labels: torch.Tensor
-    record_ids: torch.Tensor
-    hidden: torch.Tensor | None = None
-
-    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.input_ids, self.attention_mask, self.predict_mask, self.labels
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """Record index of each selected position, in the row-major order of ``predict_mask``."""
-        return self.record_ids[self.predict_mask.nonzero()[:, 0].cpu()]
-
-    @property
-    def target_labels(self) -> torch.Tensor:
-        return self.labels[self.predict_mask]
-
-
-def encode_micro_batches(tok, prompts: Sequence[str], targets: Sequence[str], *, max_length: int | None,
-                         micro_batch: int, device: torch.device | str = "cpu",
-                         sort_by_length: bool = True) -> list[MicroBatch]:
-    """Tokenise pairs into right-padded micro-batches of at most ``micro_batch`` records.
-
-    With ``sort_by_length`` records of similar length share a micro-batch (less padding); ``record_ids`` keeps
-    the mapping back to the caller's order.
-    """
-    n = len(prompts)
-    order = list(range(n))
-    if sort_by_length and n > micro_batch:
-        lengths = [len(tok(p + " " + t, add_special_tokens=True)["input_ids"]) for p, t in zip(prompts, targets)]
-        order.sort(key=lambda i: (lengths[i], i))
-    out: list[MicroBatch] = []
-    for start in range(0, n, micro_batch):
-        idx = order[start:start + micro_batch]
-        b = encode_prompt_target(tok, [prompts[i] for i in idx], [targets[i] for i in idx],
-                                 max_length=max_length, padding_side="right", record_ids=idx)
-        out.append(MicroBatch(b.input_ids.to(device), b.attention_mask.to(device), b.predict_mask.to(device),
-                              b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long)))
-    return out
 
 
 @dataclass
@@ -117,18 +69,13 @@ class PreservedChangeError(RuntimeError):
     """An edit would change the edited modules' outputs on ordinary text by more than ``max_preserved_change``."""
 
 
-class AGRADEEditor:
-    """Computes AGRADE weight edits for a model with a given :class:`EditorNetworks`."""
+class AGRADEEditor(HypernetEditor):
+    """Computes AGRADE weight edits for a model with a given :class:`EditorNetworks` (encoding, lower layers and
+    the H/∇G cache: :class:`~easyedit_agrade.core.editor_base.HypernetEditor`)."""
 
     def __init__(self, model: nn.Module, tok, hparams: AGRADEHyperParams, nets: EditorNetworks) -> None:
-        self.model = model
-        self.tok = tok
-        self.hparams = hparams
-        self.nets = nets
-        self.stack = LayerStack(model, list(hparams.inner_params))
+        super().__init__(model, tok, hparams, nets)
         self.switches: Switches = hparams.switches()
-        self.dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
-        self.lower_stack: LayerStack | None = None  # optional low-precision copy for the frozen lower layers
         #: C₀ per module (key statistics; loaded for the preserved-knowledge term or the output-change guard) and
         #: its eigendecomposition on the kept basis (None: eq 3 without the term)
         self.second_moments: dict[str, torch.Tensor] | None = None
@@ -136,60 +83,6 @@ class AGRADEEditor:
         if hparams.uses_preserved_keys() or getattr(hparams, "max_preserved_change", None) is not None:
             self.second_moments, keys = preserved_keys_for(model, tok, hparams)
             self.preserved = keys if hparams.uses_preserved_keys() else None
-
-    def use_lower_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the frozen layers below the first edited one in ``dtype`` (e.g. bf16, ~3x faster on CPU) from a
-        separate copy of the model; the edited layers, ΔW and the solve stay in the editor dtype. None: off."""
-        if dtype is None or dtype == next(self.model.parameters()).dtype:
-            self.lower_stack = None
-            return
-        import copy
-
-        low = copy.deepcopy(self.model).to(dtype)
-        for p in low.parameters():
-            p.requires_grad_(False)
-        self.lower_stack = LayerStack(low, list(self.hparams.inner_params))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def encode(self, prompts: Sequence[str], targets: Sequence[str], micro_batch: int | None = None,
-               max_length: int | None | str = "hparams") -> list[MicroBatch]:
-        """Micro-batches of ``prompt + target``; ``max_length`` defaults to ``hparams.max_length`` (None: no cut)."""
-        limit = self.hparams.max_length if max_length == "hparams" else max_length
-        return encode_micro_batches(self.tok, prompts, targets, max_length=limit,  # type: ignore[arg-type]
-                                    micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device)
-
-    def lower(self, mbs: Sequence[MicroBatch]) -> None:
-        """Run the frozen lower layers once per micro-batch (no grad) and keep the result on the batch."""
-        for mb in mbs:
-            if mb.hidden is None:
-                mb.hidden = self.lower_one(mb)
-
-    def lower_one(self, mb: MicroBatch) -> torch.Tensor:
-        """The hidden state entering the first edited layer for one micro-batch (not stored)."""
-        dtype = next(self.model.parameters()).dtype
-        if self.lower_stack is not None:
-            return self.lower_stack.lower(mb.input_ids, mb.attention_mask).to(dtype)
-        return self.stack.lower(mb.input_ids, mb.attention_mask)
-
-    def cache(self, mbs: Sequence[MicroBatch], *, keep_hidden: bool = True,
-              spill: bool | None = None) -> KeyGradCache:
-        """H and ∇G of every edited module over ``mbs``. ``keep_hidden``: store each batch's lower-layer output
-        on it for reuse (the trainer and evaluator need it); False computes it per batch and drops it, so only
-        one batch's activations are resident. ``spill`` (default ``hparams.cache_spill``) writes the rows to
-        disk shards (see :class:`~easyedit_agrade.core.cache.KeyGradCache`); close the cache when done."""
-        if keep_hidden:
-            self.lower(mbs)
-            hidden: Sequence[torch.Tensor] = [mb.hidden for mb in mbs]  # type: ignore[misc]
-        else:
-            hidden = _LazyHidden(self, mbs)
-        spill = bool(self.hparams.cache_spill) if spill is None else spill
-        target = KeyGradCache(self.stack.module_names, spill=spill,
-                              spill_root=self.hparams.cache_spill_dir) if spill else None
-        return cache_keys_and_grads(self.stack, [mb.as_tuple() for mb in mbs], hidden=hidden, dtype=self.dtype,
-                                    cache=target)
 
     def module_G(self, name: str, H: torch.Tensor, grad: torch.Tensor, G_prev: torch.Tensor | None,
                  collective: Collective | None = None,
@@ -493,20 +386,6 @@ def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams
         del _PRESERVED_KEYS[stale]
     _PRESERVED_KEYS[key] = (weakref.ref(model), keys)
     return stats, keys
-
-
-class _LazyHidden:
-    """``hidden[i]`` computed on demand (not stored) — the cache pass then holds one batch's activations."""
-
-    def __init__(self, editor: AGRADEEditor, mbs: Sequence[MicroBatch]) -> None:
-        self.editor, self.mbs = editor, mbs
-
-    def __len__(self) -> int:
-        return len(self.mbs)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        mb = self.mbs[i]
-        return mb.hidden if mb.hidden is not None else self.editor.lower_one(mb)
 
 
 class _PieceStore:

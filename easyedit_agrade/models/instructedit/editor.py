@@ -13,17 +13,15 @@ The same code with ``use_instruction: false`` is multi-task MEND.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ...core.cache import KeyGradCache, LayerStack, cache_keys_and_grads
+from ...core.cache import KeyGradCache, LayerStack
+from ...core.editor_base import HypernetEditor, MicroBatch, encode_micro_batches  # noqa: F401 (re-exported)
 from ...core.hypernet import EditorNetworks
-from ...core.weights import get_module
-from ..agrade.editor import MicroBatch, encode_micro_batches  # generic pieces (see docs/instructedit.md)
+from ...core.weights import delta_hooks  # noqa: F401 (re-exported: the trainer's differentiable ΔW)
 from .instructedit_hparams import InstructEditHyperParams
 
 
@@ -44,64 +42,10 @@ def build_networks(model: nn.Module, hparams: InstructEditHyperParams, seed: int
                           log_lambda_init=0.0, seed=seed)
 
 
-@contextlib.contextmanager
-def delta_hooks(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Inside: each module's output gets ``+ x @ ΔW`` (differentiable w.r.t. ΔW; the weights are untouched)."""
-    handles = []
-    try:
-        for name, delta in deltas.items():
-            module = get_module(model, name)
-
-            def hook(_m, inputs, output, d=delta):
-                return output + (inputs[0].to(d.dtype) @ d).to(output.dtype)
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class InstructEditEditor:
-    """Computes InstructEdit/MEND weight edits for ``model`` with an :class:`EditorNetworks`."""
-
-    def __init__(self, model: nn.Module, tok, hparams: InstructEditHyperParams, nets: EditorNetworks) -> None:
-        self.model, self.tok, self.hparams, self.nets = model, tok, hparams, nets
-        self.stack = LayerStack(model, list(hparams.inner_params))
-        self.dtype = torch.float64 if hparams.editor_dtype == "float64" else torch.float32
-        self.lower_stack: LayerStack | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def use_lower_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the frozen layers below the first edited one in ``dtype`` (training speed-up on CPU)."""
-        if dtype is None or dtype == next(self.model.parameters()).dtype:
-            self.lower_stack = None
-            return
-        low = copy.deepcopy(self.model).to(dtype)
-        for p in low.parameters():
-            p.requires_grad_(False)
-        self.lower_stack = LayerStack(low, list(self.hparams.inner_params))
-
-    def encode(self, prompts: Sequence[str], targets: Sequence[str], micro_batch: int | None = None) -> list[MicroBatch]:
-        return encode_micro_batches(self.tok, prompts, targets, max_length=self.hparams.max_length,
-                                    micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device)
-
-    def lower(self, mbs: Sequence[MicroBatch]) -> None:
-        dtype = next(self.model.parameters()).dtype
-        for mb in mbs:
-            if mb.hidden is None:
-                if self.lower_stack is not None:
-                    mb.hidden = self.lower_stack.lower(mb.input_ids, mb.attention_mask).to(dtype)
-                else:
-                    mb.hidden = self.stack.lower(mb.input_ids, mb.attention_mask)
-
-    def cache(self, mbs: Sequence[MicroBatch]) -> KeyGradCache:
-        self.lower(mbs)
-        return cache_keys_and_grads(self.stack, [mb.as_tuple() for mb in mbs],
-                                    hidden=[mb.hidden for mb in mbs], dtype=self.dtype)  # type: ignore[misc]
+class InstructEditEditor(HypernetEditor):
+    """Computes InstructEdit/MEND weight edits for ``model`` with an :class:`EditorNetworks` (encoding, lower
+    layers and the u/δ cache: :class:`~easyedit_agrade.core.editor_base.HypernetEditor`; ``hparams``: an
+    :class:`InstructEditHyperParams`)."""
 
     def observe(self, cache: KeyGradCache) -> None:
         """Fold u, δ into the running normalisers (only when the networks are in training mode)."""

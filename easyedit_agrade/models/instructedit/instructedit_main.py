@@ -20,16 +20,12 @@
 """
 from __future__ import annotations
 
-import copy as _copy
 from typing import Any, Sequence
 
 import torch
 
 from ...core.archive_cache import ArchiveCache
-from ...core.edit_report import EditedWeights, EditReport, refuse_large_deltas, remember
-from ...core.request_checks import check_lengths
-from ...core.tokenize import check_prompt_targets
-from ...core.weights import apply_deltas, executor_apply_mode, restore_weights
+from ...core.executor import check_requests, edit_in_chunks, run_easyedit_executor
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
 from .editor import InstructEditEditor
 from .instructedit_hparams import InstructEditHyperParams
@@ -81,24 +77,13 @@ def execute_instructedit(model, tok, requests, hparams: InstructEditHyperParams,
         nets, _ = networks_for(model, hparams)
     prompts = instructed_prompts(requests, hparams)
     targets = [r["target_new"] for r in requests]
-    check_lengths(tok, prompts, targets, hparams.max_length, method="InstructEdit")
-    check_prompt_targets(tok, prompts, targets, max_length=hparams.max_length)  # the caller's index in errors
+    check_requests(tok, prompts, targets, hparams.max_length, method="InstructEdit")
     editor = InstructEditEditor(model, tok, hparams, nets)
-    weights_copy = EditedWeights(report=EditReport("InstructEdit", n_requests=len(prompts)))  # + ‖ΔW‖/‖W‖
-    masters: dict[str, torch.Tensor] = {}  # fp32 sums for 16-bit weights (see core.weights.executor_apply_mode)
-    mode = executor_apply_mode(hparams.apply_mode)
-    try:
-        for start in range(0, len(prompts), hparams.batch_size):
-            deltas = editor.edit_deltas(prompts[start:start + hparams.batch_size],
-                                        targets[start:start + hparams.batch_size])
-            refuse_large_deltas(model, deltas, hparams.max_delta_ratio, weights_copy.report, weights_copy)
-            apply_deltas(model, deltas, mode=mode, weights_copy=weights_copy, masters=masters)
-            weights_copy.report.chunks += 1
-    except BaseException:
-        restore_weights(model, weights_copy)  # all or nothing: earlier chunks are taken out again
-        raise
-    remember(model, weights_copy.report)
-    return weights_copy
+
+    def edit_chunk(start: int, stop: int, report) -> dict[str, torch.Tensor]:
+        return editor.edit_deltas(prompts[start:stop], targets[start:stop])
+
+    return edit_in_chunks(model, hparams, "InstructEdit", len(prompts), edit_chunk)
 
 
 def apply_instructedit_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -108,11 +93,5 @@ def apply_instructedit_to_model(model, tok, requests, hparams, copy=False, retur
     ``copy=True`` edits a deep copy. ``weights_copy`` holds the original weights when ``return_orig_weights`` is
     true, else it is empty. ``keep_original_weight`` and extra keywords are accepted for EasyEdit's signature.
     """
-    if isinstance(requests, dict):
-        requests = [requests]
-    if not requests:
-        return model, {}
-    if copy:
-        model = _copy.deepcopy(model)
-    weights_copy = execute_instructedit(model, tok, requests, hparams)
-    return model, (weights_copy if return_orig_weights else EditedWeights(report=weights_copy.report))
+    return run_easyedit_executor(execute_instructedit, model, tok, requests, hparams, copy=copy,
+                                 return_orig_weights=return_orig_weights)
