@@ -32,11 +32,9 @@ class Switches:
 
 @dataclass
 class AGRADEHyperParams(EditorHyperParams):
-    """Editing-time settings of AGRADE. ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML.
-
-    The shared fields (``model_name``, ``inner_params``, ``device``, ``archive``, ``rank``, ``n_blocks``,
-    ``editor_dtype``, ``max_delta_ratio``, ``apply_mode``, …) are those of
-    :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`; the ones re-declared here change the default."""
+    """Editing-time settings of AGRADE; ``from_hparams('hparams/AGRADE/smollm2-135m')`` loads the YAML. Fields
+    not declared here (model, modules, archive, network shape, dtype, guards) come from
+    :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`."""
 
     ALG_NAME: ClassVar[str] = "AGRADE"
 

@@ -17,11 +17,9 @@ from ...hparams import HyperParamsError
 
 @dataclass
 class InstructEditHyperParams(EditorHyperParams):
-    """Editing-time settings of InstructEdit (a MEND-architecture editor with instruction-wrapped prompts).
-
-    The shared fields (``model_name``, ``inner_params``, ``device``, ``archive``, ``rank``, ``n_blocks``,
-    ``editor_dtype``, ``max_delta_ratio``, ``apply_mode``, …) are those of
-    :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams`; the ones re-declared here change the default."""
+    """InstructEdit at edit time: a MEND-architecture editor whose prompts are wrapped in task instructions.
+    The base class :class:`~easyedit_agrade.core.editor_hparams.EditorHyperParams` holds the shared fields;
+    a field re-declared here only changes its default."""
 
     ALG_NAME: ClassVar[str] = "InstructEdit"
     #: fields that change the trained network or its meaning (checked against an archive's metadata)
