@@ -224,7 +224,8 @@ def ultraedit_batch(hparams: Any, n_requests: int) -> tuple[int, int]:
 
 def prepare_upstream_edit(method: UpstreamMethod | str, model: Any, tok: Any, hparams: Any, n_requests: int, *,
                           stats_dir: str | Path | None = None, n_tokens: int = 100_000,
-                          log: Callable[[str], None] | None = None, progress: bool = False) -> list[str]:
+                          preserved_root: str | Path | None = None, log: Callable[[str], None] | None = None,
+                          progress: bool = False) -> list[str]:
     """Make ``hparams`` ready for an upstream method's edit of ``n_requests`` requests on ``model``; returns notes
     for the bench row (what was set and why). Call it on the editor's own hparams (``editor.hparams``), after
     ``BaseEditor`` was built and before ``apply_algo``/``batch_edit``."""
@@ -240,7 +241,8 @@ def prepare_upstream_edit(method: UpstreamMethod | str, model: Any, tok: Any, hp
     if m.statistics:
         from .easyedit_stats import export_mom2
 
-        src = export_mom2(model, tok, hparams, n_tokens=n_tokens, stats_dir=stats_dir, progress=progress, log=log)
+        src = export_mom2(model, tok, hparams, n_tokens=n_tokens, stats_dir=stats_dir,
+                          preserved_root=preserved_root, progress=progress, log=log)
         notes.append(f"{m.name}: key statistics (mom2) = {src.describe()}")
     if m.alg_name == "AlphaEdit":
         path = alphaedit_projection(model, tok, hparams, log=log)
@@ -259,3 +261,70 @@ def restore_snapshot(model: Any, originals: Mapping[str, Any]) -> None:
     from ..core.weights import restore_weights
 
     restore_weights(model, originals)
+
+
+# ---------------------------------------------------------------------------------------------- one batch edit
+@dataclass
+class UpstreamEdit:
+    """The outcome of :func:`batch_edit_upstream`: the edited model (weights still edited), the exact originals of
+    every parameter the method writes, EasyEdit's own timing of the edit call and its per-request metrics."""
+
+    method: UpstreamMethod
+    model: Any
+    originals: dict[str, Any]
+    edit_seconds: float
+    prepare_seconds: float
+    easyedit_metrics: list[dict]
+    notes: list[str]
+    hparams: Any
+
+    def restore(self) -> None:
+        """Put the original weights back (bit-exact)."""
+        restore_snapshot(self.model, self.originals)
+
+
+def batch_edit_upstream(method: UpstreamMethod | str, hparams: Any, model: Any, tok: Any,
+                        requests: Sequence[Mapping[str, Any]], *, model_alias: str = "smollm2-135m-instruct",
+                        stats_dir: str | Path | None = None, n_tokens: int = 100_000,
+                        preserved_root: str | Path | None = None,
+                        log: Callable[[str], None] | None = None) -> UpstreamEdit:
+    """Edit all ``requests`` in one chunk with upstream ``BaseEditor.batch_edit`` (``sequential_edit=True``, so the
+    edited weights stay in ``model``; restore with :meth:`UpstreamEdit.restore`).
+
+    ``hparams`` is copied (EasyEdit writes into it); ``requests`` are EasyEdit request dicts with ``prompt``,
+    ``target_new``, ``subject`` and optionally ``ground_truth``. EasyEdit's ``pre``/``post`` metrics come back
+    as it computes them; ``edit_seconds`` is its own timing of the ``apply_algo`` call (statistics and AlphaEdit's
+    projection are prepared before, timed as ``prepare_seconds``).
+    """
+    import copy
+    import time
+
+    from .easyedit import register
+    from .preloaded import PreloadedModel
+
+    m = method if isinstance(method, UpstreamMethod) else by_alg_name(method)
+    if m is None:
+        raise ValueError(f"{method!r} is not an upstream EasyEdit method ({sorted(UPSTREAM_METHODS)})")
+    hparams_class(m)
+    if not m.batchable:
+        raise ValueError(f"{m.name} is not in EasyEdit's BatchEditor: it edits one request per call")
+    register()
+    hparams = copy.deepcopy(hparams)
+    hparams.model_name = PreloadedModel(model_alias, model, tok)
+    editor = importlib.import_module("easyeditor.editors.editor").BaseEditor.from_hparams(hparams)
+    t0 = time.perf_counter()
+    notes = prepare_upstream_edit(m, editor.model, editor.tok, editor.hparams, len(requests), stats_dir=stats_dir,
+                                  n_tokens=n_tokens, preserved_root=preserved_root, log=log)
+    if int(getattr(editor.hparams, "batch_size", len(requests)) or 1) < len(requests):
+        editor.hparams.batch_size = len(requests)
+        notes.append(f"{m.name}: batch_size raised to {len(requests)} (one solve for all requests)")
+    prepare_seconds = time.perf_counter() - t0
+    originals = snapshot_weights(editor.model, edited_parameters(m, editor.hparams))
+    kwargs: dict[str, Any] = {"subject": [r["subject"] for r in requests]}
+    if all(r.get("ground_truth") for r in requests):
+        kwargs["ground_truth"] = [r["ground_truth"] for r in requests]
+    metrics, edited, _ = editor.batch_edit(prompts=[r["prompt"] for r in requests],
+                                           target_new=[r["target_new"] for r in requests],
+                                           sequential_edit=True, verbose=False, **kwargs)
+    seconds = float(metrics[0]["time"]) if metrics and "time" in metrics[0] else float("nan")
+    return UpstreamEdit(m, edited, originals, seconds, prepare_seconds, metrics, notes, editor.hparams)
