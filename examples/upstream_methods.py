@@ -47,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="override the YAMLs' device (e.g. cuda:0)")
     p.add_argument("--src", default=os.environ.get("EASYEDIT_SRC"), help="the EasyEdit checkout (for its commit)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch/numpy/random (AlphaEdit samples its context "
+                   "templates)")
     args = p.parse_args(argv)
 
+    import random
+
+    import numpy as np
     import torch
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
 
     from easyedit_agrade.evaluate.records import load_records
     from easyedit_agrade.evaluate.suite import Evaluator
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(tok)
     out: dict = {"easyeditor": str(Path(easyeditor.__file__).parent),
                  "checkout_commit": checkout_commit(args.src), "data": args.data, "torch": torch.__version__,
-                 "device": str(next(model.parameters()).device), "runs": []}
+                 "device": str(next(model.parameters()).device), "seed": args.seed, "runs": []}
     print(f"EasyEdit checkout commit: {out['checkout_commit']}", flush=True)
     pre_cache: dict = {}
     for n in args.n_edits:
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             pre_cache = evaluator.score(model, subset, known=pre_cache)
         before = evaluator.summarize(subset, [], pre_cache, pre_cache)
         for name in args.methods:
+            torch.manual_seed(args.seed)
             method = UPSTREAM_METHODS[name]
             why = unavailable_reason(method)
             row: dict = {"method": name, "n": n}
