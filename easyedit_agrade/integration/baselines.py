@@ -4,6 +4,9 @@ The two generations disagree on a few keys (upstream's ``FTHyperParams`` require
 which the PyPI wheel rejects as unknown). One YAML per baseline serves both: keys that only one generation knows
 are listed here; they are dropped (with a log line) where unknown and filled with the other generation's fixed
 behaviour where required. Any other unknown or missing key is an error naming the key and the file.
+
+Methods that only EasyEdit upstream has (AlphaEdit, UltraEdit, EMMET, PMET, EAMET) load when the installed
+``easyeditor`` exports their class; otherwise the error says they are not in this EasyEdit generation.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import yaml
 from ..hparams import HyperParamsError
 from .device import resolve_device
 from .preloaded import PreloadedModel
+from .upstream_methods import UPSTREAM_METHODS, by_alg_name, hparams_class
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ HPARAMS_CLASSES = {
     "SERAC": "SERACHparams",
     "IKE": "IKEHyperParams",
 }
+# the methods only an EasyEdit source checkout has (AlphaEdit, ULTRAEDIT, EMMET, PMET, EAMET; see .upstream_methods)
+HPARAMS_CLASSES.update({m.alg_name: m.class_name for m in UPSTREAM_METHODS.values()})
 
 #: keys that exist in only one generation, with the value that reproduces the other generation's behaviour
 GENERATION_SPECIFIC_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -54,7 +60,14 @@ def load_easyedit_hparams(path: str | os.PathLike[str], *, model: Any = None, to
     alg = config.get("alg_name")
     if alg not in HPARAMS_CLASSES:
         raise HyperParamsError(f"{path}: key 'alg_name' is {alg!r}; supported EasyEdit baselines: {sorted(HPARAMS_CLASSES)}")
-    cls = getattr(importlib.import_module("easyeditor"), HPARAMS_CLASSES[alg])
+    upstream = by_alg_name(alg)
+    if upstream is not None:  # NotInThisGeneration (a HyperParamsError) names the file's method and the fix
+        try:
+            cls = hparams_class(upstream)
+        except HyperParamsError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+    else:
+        cls = getattr(importlib.import_module("easyeditor"), HPARAMS_CLASSES[alg])
     fields = {f.name: f for f in dataclasses.fields(cls)}
     specific = GENERATION_SPECIFIC_DEFAULTS.get(alg, {})
     for key in sorted(set(config) - set(fields)):

@@ -18,6 +18,7 @@ same matrix as our streamer.
 from __future__ import annotations
 
 import importlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,13 @@ def easyedit_model_name(model: Any) -> str:
     return str(model.config._name_or_path).replace("/", "_")
 
 
+def easyedit_model_dirs(model: Any) -> list[str]:
+    """Every folder name an EasyEdit generation's ``layer_stats`` reads the model's statistics from: the PyPI wheel
+    uses :func:`easyedit_model_name`, upstream HEAD the last component of ``config._name_or_path``."""
+    names = [easyedit_model_name(model), str(model.config._name_or_path).rsplit("/")[-1]]
+    return list(dict.fromkeys(names))
+
+
 def easyedit_stats_file(stats_dir: str | Path, model: Any, layer_name: str, *, precision: str,
                         sample_size: int | None, ds_name: str = DATASET_NAME) -> Path:
     """The file EasyEdit's ``layer_stats`` reads for ``mom2`` of ``layer_name`` (its naming, default batch size)."""
@@ -70,6 +78,7 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
     ``hparams.mom2_dataset`` (``"wikitext"``) and ``hparams.mom2_n_samples`` (= the token count, the key in
     EasyEdit's file name); keeps ``mom2_dtype``. Existing files are left as they are (EasyEdit loads them); the shared C₀ cache (under
     ``preserved_root``, default the AGRADE statistics cache) is computed on first use. A missing corpus raises FileNotFoundError naming it before anything is written.
+    Each file is also placed under the model folder the other EasyEdit generation reads (:func:`easyedit_model_dirs`).
     """
     import numpy as np
     import torch
@@ -87,6 +96,9 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
     sample_size = count  # EasyEdit's tally checks this key: here the token count
     modules = edited_modules(hparams)
     files = {m: easyedit_stats_file(root, model, m, precision=precision, sample_size=sample_size) for m in modules}
+    # the same file under the other generation's model folder (upstream keys it by the last path component)
+    mirrors = {m: [root / d / f.relative_to(root / easyedit_model_name(model)) for d in easyedit_model_dirs(model)[1:]]
+               for m, f in files.items()}
     todo = [m for m, f in files.items() if not f.is_file()]
     if todo:
         moments = preserved_second_moments(model, tok, todo, corpus=corpus_path, n_tokens=n_tokens, window=window,
@@ -103,6 +115,13 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
             if log is not None:
                 log(f"EasyEdit mom2 for {m}: {files[m]}")
         np.load(files[todo[0]])  # fail here, not inside EasyEdit, if the written file is unreadable
+    for m, others in mirrors.items():
+        for other in others:
+            if not other.is_file():
+                other.parent.mkdir(parents=True, exist_ok=True)
+                tmp = other.with_name(other.stem + ".partial.npz")
+                shutil.copyfile(files[m], tmp)
+                tmp.replace(other)
     hparams.stats_dir = str(root)
     hparams.mom2_dataset = DATASET_NAME
     hparams.mom2_n_samples = sample_size

@@ -61,6 +61,13 @@ class PreloadedModel(str):
         self._tok.padding_side = "left"
         return self._model, self._tok
 
+    def relabelled(self, label: str) -> "PreloadedModel":
+        """The same model (same source, same loaded objects) under another name: the string EasyEdit's substring
+        checks see (e.g. with the architecture appended for methods that branch on ``'llama'``)."""
+        obj = str.__new__(PreloadedModel, label)
+        obj._source, obj._model, obj._tok, obj._dtype = self._source, self._model, self._tok, self._dtype
+        return obj
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return iter(self.load())
 
