@@ -67,10 +67,32 @@ METHODS: dict[str, MethodSpec] = {
     "FT": _spec("FT", "FT", "EasyEdit FT (constrained fine-tuning of one FFN layer)"),
     "LoRA": _spec("LoRA", "LoRA", "EasyEdit LoRA (peft AdaLoRA adapter on q_proj/v_proj)"),
     "MEND": _spec("MEND", "MEND", "EasyEdit MEND (needs a trained MEND hypernetwork)"),
-    "ROME": _spec("ROME", "ROME", "EasyEdit ROME, covariance adjustment off"),
+    "ROME": _spec("ROME", "ROME", "EasyEdit ROME (key statistics: see --statistics)"),
     "MEMIT": _spec("MEMIT", "MEMIT", "EasyEdit MEMIT (key statistics: see --statistics)"),
 }
+#: the rows every EasyEdit generation has (the default method list of a run adds the upstream-only ones it finds)
 ALL_METHODS = tuple(METHODS)
+
+
+def _upstream_specs() -> dict[str, MethodSpec]:
+    from ..integration.upstream_methods import UPSTREAM_METHODS
+
+    return {m.name: MethodSpec(m.name, m.alg_name, m.hparams_file(MODEL_HPARAMS_NAME), (), m.description)
+            for m in UPSTREAM_METHODS.values()}
+
+
+#: EasyEdit upstream's newer methods (AlphaEdit, UltraEdit, EMMET, PMET, EAMET): rows when the installed easyeditor
+#: has them (a source checkout: ``make test-upstream EASYEDIT_SRC=...``); naming one on the PyPI wheel fails with
+#: "not in this EasyEdit generation"
+UPSTREAM_ROWS = tuple(_upstream_specs())
+METHODS.update(_upstream_specs())
+
+
+def default_methods() -> tuple[str, ...]:
+    """The rows of a full run: every base row, plus the upstream-only methods the installed EasyEdit has."""
+    from ..integration.upstream_methods import available_upstream_methods
+
+    return ALL_METHODS + tuple(name for name in UPSTREAM_ROWS if name in available_upstream_methods())
 
 def covariance_note(statistics: str, n_tokens: int) -> str:
     """The results' note on ROME/MEMIT key statistics for ``--statistics``."""
@@ -110,6 +132,11 @@ def load_hparams(spec: MethodSpec, hparams_dir: Path | None = None, *, extra: di
 
 def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
     """``("batch" | "sequential", why)`` for a method."""
+    if spec.name in UPSTREAM_ROWS:
+        from ..integration.upstream_methods import by_alg_name
+
+        if not by_alg_name(spec.alg_name).batchable:
+            return "sequential", f"{spec.name} is not in EasyEdit's BatchEditor (one request per call)"
     if spec.alg_name in SEQUENTIAL_ALGS:
         return "sequential", f"{spec.alg_name} edits one fact per call (EasyEdit's SingletonEditor)"
     if spec.alg_name == "InstructEdit" and int(getattr(hparams, "batch_size", 1) or 1) == 1:
@@ -120,20 +147,31 @@ def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
     return "batch", f"{spec.alg_name} edits all requests in one apply_to_model call"
 
 
-#: set on a ROME/MEMIT hparams object by :func:`prepare_statistics` (the description of the statistics used)
+#: set on a ROME/MEMIT hparams object by :func:`prepare_edit` (the description of the statistics used)
 STATISTICS_ATTR = "_easyedit_agrade_statistics"
 
 
-def prepare_statistics(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statistics: str, n_tokens: int,
-                       notes: list[str]) -> str | None:
-    """Key statistics for the methods that read EasyEdit's mom2 (MEMIT always; ROME with mom2_adjustment).
+def prepare_edit(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statistics: str, n_tokens: int,
+                 n_requests: int, notes: list[str]) -> str | None:
+    """Everything a baseline needs before its timed edit; returns the statistics description for the bench row.
 
-    ``statistics="wiki"``: EasyEdit's mom2 cache files written from the shared C₀ cache (``n_tokens`` tokens of
-    ``wikitext/wiki.valid.tokens``; :func:`easyedit_agrade.integration.easyedit_stats.export_mom2`) and ROME's
-    ``mom2_adjustment`` switched on; ``"identity"``: ROME's adjustment off, MEMIT's covariance = I (in
-    :func:`method_context`). Returns the description recorded in the bench row (None when unused)."""
+    * ROME/MEMIT read EasyEdit's key statistics (mom2). ``statistics="wiki"``: its cache files are written from the
+      shared C₀ cache (``n_tokens`` tokens of ``wikitext/wiki.valid.tokens``;
+      :func:`easyedit_agrade.integration.easyedit_stats.export_mom2`) and ROME's ``mom2_adjustment`` is switched on;
+      ``"identity"``: ROME's adjustment off, MEMIT's covariance = I (in :func:`method_context`).
+    * EasyEdit upstream's newer methods: :func:`easyedit_agrade.integration.upstream_methods.prepare_upstream_edit`
+      (statistics from the same cache, AlphaEdit's null-space projection, UltraEdit's batch, the model family name).
+    """
     from ..integration.easyedit_stats import clear_easyedit_covariance_caches, export_mom2
 
+    if spec.name in UPSTREAM_ROWS:
+        from ..integration.upstream_methods import by_alg_name, prepare_upstream_edit
+
+        method = by_alg_name(spec.alg_name)
+        notes.extend(prepare_upstream_edit(method, model, tok, hparams, n_requests, n_tokens=n_tokens))
+        if method.statistics:
+            return f"{n_tokens:,} tokens of wiki.valid.tokens (mom2, shared with AGRADE's C0 cache)"
+        return None
     if spec.alg_name not in ("ROME", "MEMIT"):
         return None
     if statistics == "identity":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import atomic_write_text  # noqa: F401  (re-exported: edit_cli and tests import it from here)
-from .methods import ALL_METHODS, METHODS, covariance_note
+from .methods import ALL_METHODS, METHODS, UPSTREAM_ROWS, covariance_note, default_methods
 
 SCHEMA = "easyedit-agrade-bench/1"
 FULL_SIZES = (1, 16, 128, 512, 2048)
@@ -52,7 +52,9 @@ def build_parser(prog: str = "easyedit-agrade bench") -> argparse.ArgumentParser
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke test: sizes {QUICK_SIZES}, methods {', '.join(QUICK_METHODS)}, tiny evaluation")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join(ALL_METHODS)} (default: all; --quick: a fast subset)")
+                   help=f"comma-separated subset of {', '.join(ALL_METHODS)} and, with an EasyEdit source checkout, "
+                        f"{', '.join(UPSTREAM_ROWS)} (default: all the installed EasyEdit has; --quick: a fast "
+                        "subset)")
     p.add_argument("--sizes", default=None, help=f"comma-separated edit counts (default {FULL_SIZES})")
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="model alias or local Hugging Face directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -106,13 +108,13 @@ def _csv(text: str | None, default: Sequence) -> list:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     quick = bool(args.quick)
-    methods = _csv(args.methods, QUICK_METHODS if quick else ALL_METHODS)
+    methods = _csv(args.methods, QUICK_METHODS if quick else default_methods())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     redo = _csv(args.redo, ())
     if [m for m in redo if m not in METHODS]:
-        raise SystemExit(f"unknown method(s) in --redo {redo}; choose from {', '.join(ALL_METHODS)}")
+        raise SystemExit(f"unknown method(s) in --redo {redo}; choose from {', '.join(METHODS)}")
     sizes = sorted({int(s) for s in _csv(args.sizes, QUICK_SIZES if quick else FULL_SIZES)})
     if not sizes or sizes[0] < 1:
         raise SystemExit("--sizes must be positive integers")
@@ -126,7 +128,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{option} must be a positive integer, got {value}")
     speed_methods = _csv(args.speed_methods, ())
     if [m for m in speed_methods if m not in METHODS]:
-        raise SystemExit(f"unknown method(s) in --speed-methods {speed_methods}; choose from {', '.join(ALL_METHODS)}")
+        raise SystemExit(f"unknown method(s) in --speed-methods {speed_methods}; choose from {', '.join(METHODS)}")
     try:
         speed_sizes = sorted({int(x) for x in _csv(args.speed_sizes, ())})
     except ValueError:
@@ -322,7 +324,7 @@ class Bench:
         config = {k: v for k, v in cfg.items() if k != "argv"}
         if previous:  # a resumed benchmark reports every method and size of all its invocations
             old = previous.get("config", {})
-            config["methods"] = [m for m in ALL_METHODS if m in set(old.get("methods", [])) | set(cfg["methods"])]
+            config["methods"] = [m for m in METHODS if m in set(old.get("methods", [])) | set(cfg["methods"])]
             config["sizes"] = sorted(set(old.get("sizes", [])) | set(cfg["sizes"]))
         invocations = list(previous.get("invocations") or
                            ([{"command": previous["command"]}] if previous.get("command") else []))
@@ -446,7 +448,7 @@ class Bench:
         from ..integration.cpu_compat import cuda_on_cpu
         from ..lm import load_model_and_tokenizer
         from .methods import (MethodUnavailable, apply_edits, diagnose, edit_mode, load_hparams, make_editor,
-                              method_context, preflight, prepare_statistics)
+                              method_context, preflight, prepare_edit)
         from .resources import measure
 
         spec = METHODS[name]
@@ -487,9 +489,9 @@ class Bench:
                     _quiet_easyedit()
                     editor = make_editor(hparams, model, tok, self.model_alias)
                     _quiet_easyedit()
-                    statistics = prepare_statistics(spec, editor.model, tok, editor.hparams,
-                                                    statistics=self.cfg["statistics"],
-                                                    n_tokens=self.cfg["stats_tokens"], notes=notes)
+                    statistics = prepare_edit(spec, editor.model, tok, editor.hparams,
+                                              statistics=self.cfg["statistics"], n_tokens=self.cfg["stats_tokens"],
+                                              n_requests=n, notes=notes)
                     if statistics:
                         entry["statistics"] = statistics
                     with method_context(spec, editor.model, editor.hparams, n, notes), measure() as m:

@@ -65,7 +65,7 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     from ..lm import load_model_and_tokenizer
     from ..paths import data_dir
     from .methods import (MethodUnavailable, apply_edits, edit_mode, load_hparams, make_editor, method_context,
-                          preflight, prepare_statistics)
+                          preflight, prepare_edit)
     from .resources import measure
     from .runner import FAMILY_TASK, _quiet_easyedit, _seed_everything, atomic_write_text, environment, error_text
 
@@ -101,8 +101,8 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
                         contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf), cuda_on_cpu():
                     _quiet_easyedit()
                     editor = make_editor(hparams, model, tok, cfg["model"])
-                    stats = prepare_statistics(spec, editor.model, tok, editor.hparams, statistics=cfg["statistics"],
-                                               n_tokens=cfg["stats_tokens"], notes=notes)
+                    stats = prepare_edit(spec, editor.model, tok, editor.hparams, statistics=cfg["statistics"],
+                                         n_tokens=cfg["stats_tokens"], n_requests=len(requests), notes=notes)
                     if stats:
                         entry["statistics"] = stats
                     with method_context(spec, editor.model, editor.hparams, len(requests), notes), measure() as m:

@@ -199,7 +199,7 @@ def null_space_dims(P_loc: str | Path) -> list[int]:
     """The rank of each layer's projection in an AlphaEdit P file (its trace)."""
     import torch
 
-    P = torch.load(str(P_loc), map_location="cpu")
+    P = torch.load(str(P_loc), map_location="cpu", weights_only=True)  # tensors only: no pickled code
     return [int(round(float(torch.trace(p)))) for p in P]
 
 

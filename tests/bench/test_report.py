@@ -159,3 +159,19 @@ def test_speed_rows_and_markdown():
                          "runs": rows})
     assert "| MEMIT | 128 | 80.0 | 0.625 | 20.00 | 900 | 100 | – |" in md
     assert "| ROME | 128 | failed: boom |" in md
+
+
+def test_upstream_rows_join_the_default_run_only_where_easyedit_has_them(monkeypatch):
+    from easyedit_agrade.bench import methods as M
+    from easyedit_agrade.integration import upstream_methods as U
+
+    assert {"AlphaEdit", "UltraEdit", "EMMET", "PMET", "EAMET"} <= set(M.UPSTREAM_ROWS)
+    assert resolve_config(build_parser().parse_args(["--methods", "AlphaEdit,UltraEdit"]))["methods"] == [
+        "AlphaEdit", "UltraEdit"]
+    monkeypatch.setattr(U, "available_upstream_methods", lambda: {})
+    assert M.default_methods() == M.ALL_METHODS  # the PyPI wheel: the eight base rows
+    monkeypatch.setattr(U, "available_upstream_methods", lambda: {"AlphaEdit": U.UPSTREAM_METHODS["AlphaEdit"]})
+    assert M.default_methods() == M.ALL_METHODS + ("AlphaEdit",)
+    assert M.METHODS["UltraEdit"].hparams_file == "UltraEdit/smollm2-135m.yaml"
+    spec = M.METHODS["EAMET"]
+    assert M.edit_mode(spec, None)[0] == "sequential" and M.edit_mode(M.METHODS["AlphaEdit"], None)[0] == "batch"
