@@ -173,7 +173,8 @@ def mend_archive_buffer(path: str | Path, model_config: Any, inner_params: list[
 
 def patch_mend_executor(executor_cls: Any) -> None:
     """Wrap ``MendRewriteExecutor`` (once): ``apply_to_model`` and MEND see an architecture-tagged ``model_name``
-    (:func:`mend_dispatch_name`) and run under :func:`module_list_full_slices`; ``init_model`` loads a
+    (:func:`mend_dispatch_name`) and run under :func:`module_list_full_slices`, and the executor (a singleton in
+    ``ALG_DICT``) re-initialises when it is handed another model or archive than it holds; ``init_model`` loads a
     ``.safetensors`` ``archive`` (as given or relative to the repository root) through :func:`mend_archive_buffer`.
     EasyEdit ``.pt`` archives are passed on unchanged. The caller's hparams object is not modified."""
     current = getattr(executor_cls, "init_model", None)
@@ -185,6 +186,11 @@ def patch_mend_executor(executor_cls: Any) -> None:
     def apply_to_model(self, model, tok, requests, hparams, *args, **kwargs):
         hparams = copy.copy(hparams)  # the executor also picks its weight-update layout by model_name
         hparams.model_name = mend_dispatch_name(hparams.model_name, model.config)
+        # EasyEdit's executor is a process-wide singleton that keeps the first model and archive it saw
+        loaded_for = (id(model), str(getattr(hparams, "archive", None)))
+        if getattr(self, "is_init", False) and getattr(self, "_easyedit_agrade_loaded_for", None) != loaded_for:
+            self.reset_model()
+        self._easyedit_agrade_loaded_for = loaded_for
         with module_list_full_slices():
             return apply_current(self, model, tok, requests, hparams, *args, **kwargs)
 
@@ -200,5 +206,19 @@ def patch_mend_executor(executor_cls: Any) -> None:
             return current(self, model, tok, params, *args, **kwargs)
 
     init_model._easyedit_agrade = True  # type: ignore[attr-defined]
+    apply_to_model._easyedit_agrade_original = apply_current  # type: ignore[attr-defined]
     executor_cls.init_model = init_model
     executor_cls.apply_to_model = apply_to_model
+
+
+def rebind_mend_entry(alg_dict: dict, executor_cls: Any, key: str = "MEND") -> None:
+    """EasyEdit's ``ALG_DICT`` holds ``MendRewriteExecutor().apply_to_model`` bound at import time, i.e. the
+    unpatched function: re-bind that entry (same executor instance) to the patched ``apply_to_model``."""
+    entry = alg_dict.get(key)
+    patched = executor_cls.apply_to_model
+    original = getattr(patched, "_easyedit_agrade_original", None)
+    if original is None or getattr(entry, "__func__", None) is not original:
+        return
+    if type(entry.__self__) is not executor_cls:  # e.g. the multimodal executor subclass
+        return
+    alg_dict[key] = patched.__get__(entry.__self__, executor_cls)

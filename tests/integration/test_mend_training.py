@@ -181,7 +181,9 @@ def test_easyedit_mend_executor_edits_with_the_archive(tiny_run):
 
     _, report = tiny_run
     register()
-    from easyeditor.models.mend.mend_main import MendRewriteExecutor
+    import importlib
+
+    apply_mend = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT["MEND"]  # what BaseEditor calls
 
     model, tok = load_model_and_tokenizer()
     hparams = load_easyedit_hparams(EDIT_HPARAMS, model=model, tok=tok)
@@ -191,7 +193,7 @@ def test_easyedit_mend_executor_edits_with_the_archive(tiny_run):
     requests = [{"prompt": "The capital of France is", "target_new": "Rome"},
                 {"prompt": "The Eiffel Tower is located in", "target_new": "Berlin"}]
     with cuda_on_cpu():
-        edited, weights_copy = MendRewriteExecutor().apply_to_model(
+        edited, weights_copy = apply_mend(
             model, tok, requests, hparams, copy=False, return_orig_weights=True, keep_original_weight=True)
     assert hparams.model_name is name_before  # the caller's hparams are not modified
     inner = set(hparams.inner_params)
@@ -204,3 +206,4 @@ def test_easyedit_mend_executor_edits_with_the_archive(tiny_run):
         for n, w in weights_copy.items():
             after[n].copy_(w)
     assert all(torch.equal(p.detach(), before[n]) for n, p in edited.named_parameters())
+    apply_mend.__self__.reset_model()  # EasyEdit's executor is a process-wide singleton holding the model
