@@ -207,3 +207,42 @@ def test_easyedit_mend_executor_edits_with_the_archive(tiny_run):
             after[n].copy_(w)
     assert all(torch.equal(p.detach(), before[n]) for n, p in edited.named_parameters())
     apply_mend.__self__.reset_model()  # EasyEdit's executor is a process-wide singleton holding the model
+
+
+def test_patched_executor_rebinds_alg_dict_and_reinitialises_per_model():
+    calls = []
+
+    class FakeExecutor:  # the shape of EasyEdit's MendRewriteExecutor
+        def __init__(self):
+            self.is_init = False
+
+        def init_model(self, model, tok, params):
+            calls.append(("init", model.name, params.model_name.lower()))
+            self.model, self.is_init = model, True
+
+        def reset_model(self):
+            calls.append(("reset",))
+            self.is_init = False
+
+        def apply_to_model(self, model, tok, requests, hparams, **kwargs):
+            if not self.is_init:
+                self.init_model(model, tok, hparams)
+            calls.append(("apply", self.model.name, hparams.model_name.lower()))
+            return self.model, {}
+
+    cfg = type("Cfg", (), {"model_type": "llama", "is_encoder_decoder": False})()
+    m1 = type("M", (), {"name": "m1", "config": cfg})()
+    m2 = type("M", (), {"name": "m2", "config": cfg})()
+    hp = type("HP", (), {})()
+    hp.model_name, hp.archive = "smollm2-135m-instruct", None
+    alg_dict = {"MEND": FakeExecutor().apply_to_model}
+    mend_compat.patch_mend_executor(FakeExecutor)
+    mend_compat.patch_mend_executor(FakeExecutor)  # idempotent
+    mend_compat.rebind_mend_entry(alg_dict, FakeExecutor)
+    alg_dict["MEND"](m1, None, [], hp)
+    alg_dict["MEND"](m1, None, [], hp)
+    alg_dict["MEND"](m2, None, [], hp)
+    tagged = "smollm2-135m-instruct [llama]"
+    assert calls == [("init", "m1", tagged), ("apply", "m1", tagged), ("apply", "m1", tagged),
+                     ("reset",), ("init", "m2", tagged), ("apply", "m2", tagged)]
+    assert hp.model_name == "smollm2-135m-instruct" and type(hp.model_name) is str
