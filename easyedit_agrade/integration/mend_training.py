@@ -197,18 +197,59 @@ def train_mend(recipe: str | Path, out_dir: str | Path, *, max_steps: int, threa
     return report
 
 
+def export_checkpoint(checkpoint: str | Path, recipe: str | Path, out: str | Path) -> dict[str, Any]:
+    """Export a checkpoint EasyEdit's trainer saved (``<run>/models/MEND/<model>``, its best on validation so far)
+    as a safetensors archive, e.g. of a run that was stopped before its end. The pickle is read with
+    ``torch.load``'s weights-only unpickler, only the model's config class allowed."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..lm import resolve_model_path
+    from .mend_compat import allow_model_config, save_mend_archive
+
+    config, data = read_recipe(recipe)
+    model_config = AutoConfig.from_pretrained(str(resolve_model_path(config["model_name"])))
+    with allow_model_config(model_config):
+        state = torch.load(str(checkpoint), map_location="cpu")
+    metadata = {
+        "method": "MEND (EasyEdit EditTrainer, easyeditor 0.0.1.dev0)",
+        "model": str(config["model_name"]),
+        "data": str(data["train_data"]),
+        "train_range": list(data["train_range"]),
+        "val_range": list(data["val_range"]),
+        "best_step": int(state.get("step", -1)),
+        "batch_size": int(config["batch_size"]),
+        "accumulate_bs": int(config["accumulate_bs"]),
+        "seed": int(config.get("seed", 0)),
+        "selection": f"best validation {config['early_stop_key']} so far (EasyEdit's EarlyStopper)",
+        "best_val_stats": {k: float(v) for k, v in (state.get("val_stats") or {}).items()},
+        "exported_from": Path(checkpoint).name,
+    }
+    archive = save_mend_archive(state["model"], out, inner_params=list(config["inner_params"]), metadata=metadata)
+    return {"archive": str(archive), **metadata}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m easyedit_agrade.integration.mend_training",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="training YAML, e.g. hparams/TRAINING/MEND/smollm2-135m.yaml")
-    parser.add_argument("--max-steps", type=int, required=True, help="training steps (batches of batch_size edits)")
-    parser.add_argument("--out", required=True, help="run directory (checkpoints, splits, results, archive)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps (batches of batch_size edits); required unless --export")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, splits, results, archive); "
+                        "with --export: the archive file to write")
+    parser.add_argument("--export", default=None, metavar="CHECKPOINT",
+                        help="only export this EasyEdit checkpoint (<run>/models/MEND/<model>) as safetensors")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--val-steps", type=int, default=None, help="override val_steps (batches per validation)")
     parser.add_argument("--val-records", type=int, default=None,
                         help="use only the first N validation records (smoke runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.export:
+        print(json.dumps(export_checkpoint(args.export, args.recipe, args.out), indent=2, sort_keys=True))
+        return 0
+    if args.max_steps is None:
+        parser.error("--max-steps is required (unless --export)")
     report = train_mend(args.recipe, args.out, max_steps=args.max_steps, threads=args.threads,
                         val_steps=args.val_steps, val_records=args.val_records)
     print(json.dumps(report, indent=2, sort_keys=True))

@@ -173,6 +173,18 @@ def test_tiny_training_run_exports_a_validated_archive(tiny_run):
 
 
 @pytest.mark.slow
+def test_export_of_easyedit_checkpoint_equals_the_run_archive(tiny_run, tmp_path):
+    from easyedit_agrade.integration.mend_training import main
+
+    out, report = tiny_run
+    assert main([str(RECIPE), "--export", report["checkpoint"], "--out", str(tmp_path / "e.safetensors")]) == 0
+    exported, meta = mend_compat.read_mend_archive(tmp_path / "e.safetensors")
+    shipped, _ = mend_compat.read_mend_archive(report["archive"])
+    assert exported.keys() == shipped.keys() and all(torch.equal(exported[k], shipped[k]) for k in shipped)
+    assert meta["best_step"] == 2 and meta["exported_from"] == Path(report["checkpoint"]).name
+
+
+@pytest.mark.slow
 def test_easyedit_mend_executor_edits_with_the_archive(tiny_run):
     from easyedit_agrade.integration.baselines import load_easyedit_hparams
     from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
