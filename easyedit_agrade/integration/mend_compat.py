@@ -22,8 +22,10 @@ Four gaps, each closed here and nowhere else:
   since torch 2.6 that is weights-only and rejects the config object the checkpoint holds. The file is the one this
   process has just written; :func:`allow_model_config` permits exactly that config class while the trainer runs.
 
-:func:`patch_mend_executor` (applied by :func:`easyedit_agrade.register`) wraps EasyEdit's
-``MendRewriteExecutor.apply_to_model`` with the first two and ``init_model`` with the first and the fourth.
+:func:`patch_mend_executor` (applied by :func:`easyedit_agrade.register`, which also re-binds ``ALG_DICT["MEND"]``
+with :func:`rebind_mend_entry`) wraps EasyEdit's ``MendRewriteExecutor.apply_to_model`` with the first two (and
+re-initialises the singleton executor when it is handed another model or archive) and ``init_model`` with the
+first and the third. The trainer (:mod:`.mend_training`) uses the first, second and fourth.
 """
 from __future__ import annotations
 
