@@ -66,7 +66,7 @@ METHODS: dict[str, MethodSpec] = {
     "InstructEdit": _spec("InstructEdit", "InstructEdit", "InstructEdit (this plugin)"),
     "FT": _spec("FT", "FT", "EasyEdit FT (constrained fine-tuning of one FFN layer)"),
     "LoRA": _spec("LoRA", "LoRA", "EasyEdit LoRA (peft AdaLoRA adapter on q_proj/v_proj)"),
-    "MEND": _spec("MEND", "MEND", "EasyEdit MEND (needs a trained MEND hypernetwork)"),
+    "MEND": _spec("MEND", "MEND", "EasyEdit MEND (archives/mend-smollm2-135m-instruct.safetensors, EasyEdit's own trainer)"),
     "ROME": _spec("ROME", "ROME", "EasyEdit ROME (key statistics: see --statistics)"),
     "MEMIT": _spec("MEMIT", "MEMIT", "EasyEdit MEMIT (key statistics: see --statistics)"),
 }
@@ -216,8 +216,10 @@ def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
 
 
 MEND_NO_ARCHIVE = ("MEND needs a trained MEND hypernetwork archive (EasyEdit's EditTrainer with "
-                   "MENDTrainingHparams, on this model); none exists for SmolLM2-135M-Instruct and none can be "
-                   "downloaded, so EasyEdit's executor stops with 'Training weights Needed'")
+                   "MENDTrainingHparams, on this model): the shipped YAML names "
+                   "archives/mend-smollm2-135m-instruct.safetensors; train another with "
+                   "`python -m easyedit_agrade.integration.mend_training hparams/TRAINING/MEND/smollm2-135m.yaml`; "
+                   "without one EasyEdit's executor stops with 'Training weights Needed'")
 
 
 class MethodUnavailable(RuntimeError):

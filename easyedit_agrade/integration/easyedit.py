@@ -87,6 +87,18 @@ def _patch_batchable(batch_editor_cls: Any) -> None:
     batch_editor_cls.is_batchable_method = staticmethod(is_batchable_method)
 
 
+def _patch_mend(alg_dict: dict) -> None:
+    """EasyEdit's MEND executor on the embedded model: architecture-tagged name, safetensors archives."""
+    from .mend_compat import patch_mend_executor, rebind_mend_entry
+
+    try:
+        mend_main = _module("easyeditor.models.mend.mend_main")
+    except ImportError:  # an EasyEdit without MEND
+        return
+    patch_mend_executor(mend_main.MendRewriteExecutor)
+    rebind_mend_entry(alg_dict, mend_main.MendRewriteExecutor)
+
+
 def register(force: bool = False) -> bool:
     """Add AGRADE and InstructEdit to EasyEdit's ``ALG_DICT``, ``ALG_TRAIN_DICT`` and ``BatchEditor``.
 
@@ -112,6 +124,7 @@ def register(force: bool = False) -> bool:
             train_dict_mod.ALG_TRAIN_DICT[name.upper()] = _LazyTrainer(name)
         _patch_batchable(batch_mod.BatchEditor)
         patch_base_editor(editor_mod.BaseEditor)  # padding side per alg_name for PreloadedModel names (ROME: right)
+        _patch_mend(alg_dict)
         _registered_with = alg_dict
         return True
 

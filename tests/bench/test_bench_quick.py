@@ -30,12 +30,16 @@ def test_quick_bench_end_to_end(tmp_path, shared_data, easyeditor_module, embedd
         assert key in m
     assert 0 <= m["ES"] <= 1 and "ppl" in ft["general"] and "mc" in ft["general"]
     mend = runs["MEND"]
-    assert mend["status"] == "failed" and "archive" in mend["diagnosis"]
+    if _mend_archive_configured():  # hparams/MEND points at the shipped EasyEdit-trained MEND archive
+        assert mend["status"] == "ok", mend.get("error")
+    else:
+        assert mend["status"] == "failed" and "archive" in mend["diagnosis"]
     env = res["environment"]
     assert env["seed"] == 0 and env["torch"] and env["easyeditor"] == "0.0.1.dev0"
     assert res["baseline"]["metrics"]["LS"] == 1.0
     md = (out / "bench.md").read_text()
-    assert "| FT | batch | 1 | ok |" in md and "MEND N=1: **failed**" in md
+    assert "| FT | batch | 1 | ok |" in md
+    assert _mend_archive_configured() or "MEND N=1: **failed**" in md
     assert "wiki.valid.tokens" in md  # the ROME/MEMIT statistics note
     gen = ft["generation"]
     for kind in ("rewrite", "rephrase"):
@@ -79,9 +83,20 @@ def test_quick_bench_edit_sets_beyond_one_record(tmp_path, shared_data, easyedit
         assert malmen["status"] == "failed"
         assert "--preset malmen" in malmen["error"] and "--preset malmen" in malmen["diagnosis"]
         assert runs[("MALMEN", 13)]["status"] == "skipped"
-    mend = runs[("MEND", 2)]
-    assert mend["status"] == "failed" and mend["stage"] == "preflight" and "archive" in mend["error"]
-    assert runs[("MEND", 13)]["status"] == "skipped"
+    if _mend_archive_configured():
+        for n in (2, 13):  # runs (quality at 13 edits in one batch: archives/README.md, MEND card)
+            assert runs[("MEND", n)]["status"] == "ok", (n, runs[("MEND", n)].get("error"))
+    else:
+        mend = runs[("MEND", 2)]
+        assert mend["status"] == "failed" and mend["stage"] == "preflight" and "archive" in mend["error"]
+        assert runs[("MEND", 13)]["status"] == "skipped"
+
+
+def _mend_archive_configured() -> bool:
+    """Whether the benchmark's MEND hparams name an archive (``archives/mend-smollm2-135m-instruct.safetensors``)."""
+    from easyedit_agrade.bench.methods import METHODS, load_hparams
+
+    return bool(getattr(load_hparams(METHODS["MEND"]), "archive", None))
 
 
 def _shipped_malmen_archive(model) -> bool:
