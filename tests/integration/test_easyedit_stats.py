@@ -4,6 +4,7 @@ equal to what EasyEdit's statistics pipeline computes on the same text, and a mi
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -62,21 +63,25 @@ def test_export_is_loaded_by_easyedit_layer_stats_without_download(embedded_mode
     S.export_mom2(model, tok, hp2, n_tokens=2 * N_TOKENS, window=WINDOW, stats_dir=tmp_path / "ee",
                   preserved_root=tmp_path / "c0", progress=False)
     assert hp2.stats_dir == hp.stats_dir and hp2.mom2_n_samples == 2 * N_TOKENS
-    assert len(list((tmp_path / "ee").rglob("*.npz"))) == 2 * len(LAYERS)
+    n_dirs = len(S.easyedit_model_dirs(model))  # one copy per EasyEdit generation's folder naming
+    assert len(list((tmp_path / "ee").rglob("*.npz"))) == 2 * len(LAYERS) * n_dirs
 
 
 def test_export_reuses_both_caches(embedded_model, shared_data, tmp_path, monkeypatch, easyeditor_module):
     model, tok = embedded_model
     preserved_stats.clear_second_moment_cache()
-    S.export_mom2(model, tok, memit_like_hparams(), n_tokens=N_TOKENS, window=WINDOW, stats_dir=tmp_path / "ee",
+    hp = memit_like_hparams()
+    S.export_mom2(model, tok, hp, n_tokens=N_TOKENS, window=WINDOW, stats_dir=tmp_path / "ee",
                   preserved_root=tmp_path / "c0", progress=False)
+    root = Path(hp.stats_dir)  # keyed by the weights, the corpus and the window below the given folder
+    assert root.parent.parent == tmp_path / "ee"
     dirs = S.easyedit_model_dirs(model)  # the PyPI wheel's model folder first, then upstream's (if it differs)
-    files = sorted((tmp_path / "ee" / dirs[0]).rglob("*.npz"))
+    files = sorted((root / dirs[0]).rglob("*.npz"))
     stamps = [f.stat().st_mtime_ns for f in files]
     c0_files = sorted((tmp_path / "c0").rglob("*.safetensors"))
     assert len(files) == len(LAYERS) and len(c0_files) == 1  # one AGRADE-format store holds every layer
     for other in dirs[1:]:  # the same bytes where the other EasyEdit generation's layer_stats looks
-        mirrored = sorted((tmp_path / "ee" / other).rglob("*.npz"))
+        mirrored = sorted((root / other).rglob("*.npz"))
         assert [f.name for f in mirrored] == [f.name for f in files]
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(mirrored, files))
 
@@ -91,7 +96,7 @@ def test_export_reuses_both_caches(embedded_model, shared_data, tmp_path, monkey
     # a new EasyEdit key (another precision) is filled from the shared C₀ file, not recomputed
     S.export_mom2(model, tok, memit_like_hparams(mom2_dtype="float64"), n_tokens=N_TOKENS, window=WINDOW,
                   stats_dir=tmp_path / "ee", preserved_root=tmp_path / "c0", progress=False)
-    assert len(sorted((tmp_path / "ee" / dirs[0]).rglob("*float64*.npz"))) == len(LAYERS)
+    assert len(sorted((root / dirs[0]).rglob("*float64*.npz"))) == len(LAYERS)
 
 
 def test_missing_corpus_is_a_clear_error_and_writes_nothing(embedded_model, tmp_path, easyeditor_module):
