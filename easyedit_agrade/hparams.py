@@ -53,6 +53,18 @@ def check_ranges(hp) -> None:
         bad("max_delta_ratio", "a number > 0 (or null to turn the check off)")
 
 
+def scientific_floats(config: dict) -> dict:
+    """EasyEdit's scientific-notation handling, in place: YAML reads ``1e-4`` as a string; every string value that
+    parses as a float becomes one."""
+    for key, value in config.items():
+        if isinstance(value, str):
+            try:
+                config[key] = float(value)
+            except ValueError:
+                pass
+    return config
+
+
 @dataclasses.dataclass
 class _StandaloneHyperParams:
     """Stand-in for ``easyeditor.util.hparams.HyperParams`` when EasyEdit is not installed."""
@@ -64,13 +76,7 @@ class _StandaloneHyperParams:
 
     @staticmethod
     def construct_float_from_scientific_notation(config: dict) -> dict:
-        for key, value in config.items():
-            if isinstance(value, str):
-                try:
-                    config[key] = float(value)
-                except ValueError:
-                    pass
-        return config
+        return scientific_floats(config)
 
 
 def hyperparams_base() -> type:

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..hparams import scientific_floats
+
 LOG = logging.getLogger(__name__)
 
 #: YAML keys read here (not by EasyEdit): the zsRE file (relative to the shared data dir) and record ranges
@@ -41,13 +43,7 @@ def read_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     missing = [k for k in DATA_KEYS if k not in data]
     if missing:
         raise ValueError(f"{path}: missing data keys {missing}")
-    for key, value in config.items():
-        if isinstance(value, str):
-            try:
-                config[key] = float(value)
-            except ValueError:
-                pass
-    return config, data
+    return scientific_floats(config), data
 
 
 def build_training_hparams(config: dict[str, Any], *, results_dir: Path, max_steps: int | None = None) -> Any:
