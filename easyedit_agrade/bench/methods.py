@@ -147,10 +147,6 @@ def edit_mode(spec: MethodSpec, hparams: Any) -> tuple[str, str]:
     return "batch", f"{spec.alg_name} edits all requests in one apply_to_model call"
 
 
-#: set on a ROME/MEMIT hparams object by :func:`prepare_edit` (the description of the statistics used)
-STATISTICS_ATTR = "_easyedit_agrade_statistics"
-
-
 def prepare_edit(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statistics: str, n_tokens: int,
                  n_requests: int, notes: list[str]) -> str | None:
     """Everything a baseline needs before its timed edit; returns the statistics description for the bench row.
@@ -162,16 +158,14 @@ def prepare_edit(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statis
     * EasyEdit upstream's newer methods: :func:`easyedit_agrade.integration.upstream_methods.prepare_upstream_edit`
       (statistics from the same cache, AlphaEdit's null-space projection, UltraEdit's batch, the model family name).
     """
-    from ..integration.easyedit_stats import clear_easyedit_covariance_caches, export_mom2
+    from ..integration.easyedit_stats import STATISTICS_ATTR, clear_easyedit_covariance_caches, export_mom2
 
     if spec.name in UPSTREAM_ROWS:
         from ..integration.upstream_methods import by_alg_name, prepare_upstream_edit
 
-        method = by_alg_name(spec.alg_name)
-        notes.extend(prepare_upstream_edit(method, model, tok, hparams, n_requests, n_tokens=n_tokens))
-        if method.statistics:
-            return f"{n_tokens:,} tokens of wiki.valid.tokens (mom2, shared with AGRADE's C0 cache)"
-        return None
+        notes.extend(prepare_upstream_edit(by_alg_name(spec.alg_name), model, tok, hparams, n_requests,
+                                           n_tokens=n_tokens))
+        return getattr(hparams, STATISTICS_ATTR, None)  # set when the method reads mom2
     if spec.alg_name not in ("ROME", "MEMIT"):
         return None
     if statistics == "identity":
@@ -184,7 +178,6 @@ def prepare_edit(spec: MethodSpec, model: Any, tok: Any, hparams: Any, *, statis
     hparams.mom2_adjustment = True
     clear_easyedit_covariance_caches(model, hparams)
     source = export_mom2(model, tok, hparams, n_tokens=n_tokens, progress=False)
-    setattr(hparams, STATISTICS_ATTR, source.describe())
     notes.append(f"{spec.alg_name}: key statistics (EasyEdit mom2) = {source.describe()}, shared with AGRADE's C0 "
                  f"cache")
     return source.describe()
@@ -204,6 +197,8 @@ def method_context(spec: MethodSpec, model: Any, hparams: Any, n_requests: int,
             n_layers = int(model.config.num_hidden_layers)
             stack.enter_context(compat.decoder_layers_return_tuples(model, hparams.layer_module_tmp, n_layers))
             notes.append("MEMIT: decoder-layer outputs presented as tuples to EasyEdit's hooks (transformers>=4.54)")
+            from ..integration.easyedit_stats import STATISTICS_ATTR
+
             if getattr(hparams, STATISTICS_ATTR, None) is None:
                 stack.enter_context(compat.memit_identity_covariance(model, hparams))
                 notes.append("MEMIT: covariance = identity (--statistics identity: covariance adjustment off)")

@@ -41,6 +41,11 @@ FAMILY_TASK = {"zsre": "zsre", "counterfact": "counterfact", "wiki_counterfact":
                "wiki_recent": "wikirecent", "mquake": "counterfact"}
 
 
+def bench_requests(records: Sequence[Any]) -> list[dict]:
+    """EasyEdit request dicts for pool records, each with the InstructEdit ``task`` of its data family."""
+    return [{**r.to_request(), "task": FAMILY_TASK.get(r.family, r.family)} for r in records]
+
+
 def build_parser(prog: str = "easyedit-agrade bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -475,11 +480,7 @@ class Bench:
         model, tok = load_model_and_tokenizer(self.model_alias)
         tok.padding_side = "left"
         records = self.pool.take(n)
-        requests = []
-        for r in records:
-            req = r.to_request()
-            req["task"] = FAMILY_TASK.get(r.family, r.family)
-            requests.append(req)
+        requests = bench_requests(records)
         notes: list[str] = []
         log_path = self.out / "edit-logs" / f"{name}-{n}.log"
         edited = None

@@ -67,7 +67,7 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     from .methods import (MethodUnavailable, apply_edits, edit_mode, load_hparams, make_editor, method_context,
                           preflight, prepare_edit)
     from .resources import measure
-    from .runner import FAMILY_TASK, _quiet_easyedit, _seed_everything, atomic_write_text, environment, error_text
+    from .runner import _quiet_easyedit, _seed_everything, atomic_write_text, bench_requests, environment, error_text
 
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
@@ -78,11 +78,7 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     runs: list[dict] = []
     for n in cfg["speed_sizes"]:
         records = pool.take(n)
-        requests = []
-        for r in records:
-            req = r.to_request()
-            req["task"] = FAMILY_TASK.get(r.family, r.family)
-            requests.append(req)
+        requests = bench_requests(records)
         for name in cfg["speed_methods"]:
             spec = METHODS[name]
             entry: dict[str, Any] = {"method": name, "n_edits": len(records)}

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import atomic_path
 from ..core.preserved_stats import DEFAULT_CORPUS, file_sha256, model_key, preserved_second_moments, resolve_corpus
 from ..paths import cache_dir
 
 #: default home of the exported EasyEdit statistics (``hparams.stats_dir`` is pointed here by the bench)
 DEFAULT_EASYEDIT_STATS_DIR = "stats/easyedit"
+#: set on the hparams by :func:`export_mom2`: the description of the statistics it points them at (bench rows)
+STATISTICS_ATTR = "_easyedit_agrade_statistics"
 #: the dataset name written into the path; EasyEdit's ``layer_stats`` only knows "wikitext" and "wikipedia"
 DATASET_NAME = "wikitext"
 
@@ -75,8 +78,8 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
     """Write EasyEdit's ``mom2`` cache files for the layers of a ROME/MEMIT ``hparams`` and point it at them.
 
     Sets ``hparams.stats_dir`` (a folder keyed by the model's weights, the corpus and the window),
-    ``hparams.mom2_dataset`` (``"wikitext"``) and ``hparams.mom2_n_samples`` (= the token count, the key in
-    EasyEdit's file name); keeps ``mom2_dtype``. Existing files are left as they are (EasyEdit loads them); the shared C₀ cache (under
+    ``hparams.mom2_dataset`` (``"wikitext"``), ``hparams.mom2_n_samples`` (= the token count, the key in
+    EasyEdit's file name) and :data:`STATISTICS_ATTR` (what the statistics are); keeps ``mom2_dtype``. Existing files are left as they are (EasyEdit loads them); the shared C₀ cache (under
     ``preserved_root``, default the AGRADE statistics cache) is computed on first use. A missing corpus raises FileNotFoundError naming it before anything is written.
     Each file is also placed under the model folder the other EasyEdit generation reads (:func:`easyedit_model_dirs`).
     """
@@ -118,14 +121,14 @@ def export_mom2(model: Any, tok: Any, hparams: Any, *, corpus: str | Path = DEFA
     for m, others in mirrors.items():
         for other in others:
             if not other.is_file():
-                other.parent.mkdir(parents=True, exist_ok=True)
-                tmp = other.with_name(other.stem + ".partial.npz")
-                shutil.copyfile(files[m], tmp)
-                tmp.replace(other)
+                with atomic_path(other) as tmp:
+                    shutil.copyfile(files[m], tmp)
+    source = StatisticsSource(corpus=corpus_path.name, n_tokens=count, window=window, stats_dir=str(root))
     hparams.stats_dir = str(root)
     hparams.mom2_dataset = DATASET_NAME
     hparams.mom2_n_samples = sample_size
-    return StatisticsSource(corpus=corpus_path.name, n_tokens=count, window=window, stats_dir=str(root))
+    setattr(hparams, STATISTICS_ATTR, source.describe())
+    return source
 
 
 def clear_easyedit_covariance_caches(model: Any, hparams: Any) -> None:
