@@ -68,6 +68,10 @@ def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[
     return {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("count") else v) for k, v in tensors.items()}
 
 
+#: ARCHIVE_KEYS added after archives were shipped → the value an archive without the key was trained with
+ARCHIVE_KEY_DEFAULTS: dict[str, Any] = {"key_positions": "target"}
+
+
 @dataclass(frozen=True)
 class ArchiveFormat:
     """How one method's archives are named, checked and rebuilt.
@@ -118,7 +122,8 @@ class ArchiveFormat:
             problems.append(weights_problem(want, fp, meta.get("model_name")))
         theirs = meta.get("hparams", {})
         for key, value in self.archive_hparams(hparams).items():
-            if theirs.get(key) != value:
+            # a key added after an archive was written: that archive was trained with the key's old behaviour
+            if theirs.get(key, ARCHIVE_KEY_DEFAULTS.get(key)) != value:
                 problems.append(f"hparam {key}={value!r} but the archive was trained with {theirs.get(key)!r}")
         return problems
 

@@ -330,7 +330,7 @@ class KeyGradCache:
 
 def cache_keys_and_grads(
     stack: LayerStack,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    micro_batches: Sequence[tuple[torch.Tensor, ...]],
     *,
     hidden: Sequence[torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -340,7 +340,9 @@ def cache_keys_and_grads(
     """Capture H and ∇G of every edited module over micro-batches.
 
     Each micro-batch is ``(input_ids, attention_mask, predict_mask, shifted_labels)`` (``predict_mask`` marks
-    positions whose logits predict a target token; ``shifted_labels`` holds that token's id there). The loss is
+    positions whose logits predict a target token; ``shifted_labels`` holds that token's id there), optionally
+    followed by a ``key_mask``: the positions whose rows are recorded (default: ``predict_mask``; e.g. the predict
+    positions plus the subject's last token — the loss is on the predict positions either way). The loss is
     the **summed** cross-entropy over target tokens, so ∇G does not depend on how many edits share a batch.
     ``hidden`` optionally gives precomputed :meth:`LayerStack.lower` outputs per micro-batch (else each batch's
     lower layers run just before it, so only one batch's activations are ever resident). ``cache`` appends to an
@@ -349,9 +351,10 @@ def cache_keys_and_grads(
     if cache is None:
         cache = KeyGradCache(stack.module_names, max_rows=max_rows)
     modules = stack.modules()
-    for i, (ids, att, pmask, labels) in enumerate(micro_batches):
+    for i, (ids, att, pmask, labels, *rest) in enumerate(micro_batches):
+        key_mask = rest[0] if rest else pmask
         h = hidden[i] if hidden is not None else stack.lower(ids, att)
-        with torch.enable_grad(), grad_only_for(stack.model), KeyGradCapture(modules, pmask, dtype) as cap:
+        with torch.enable_grad(), grad_only_for(stack.model), KeyGradCapture(modules, key_mask, dtype) as cap:
             logits = stack.upper(h, ids, att, pmask)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[pmask], reduction="sum")
             loss.backward()

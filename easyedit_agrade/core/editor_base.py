@@ -26,7 +26,10 @@ from .tokenize import encode_prompt_target
 @dataclass
 class MicroBatch:
     """One tokenised micro-batch: ids, attention, predict mask (positions predicting a target token), labels
-    aligned with those positions (``shifted_labels``), and ``record_ids`` = the record index of each row."""
+    aligned with those positions (``shifted_labels``), and ``record_ids`` = the record index of each row.
+    ``key_mask`` (optional) marks the positions whose rows the cache records when they are more than the predict
+    positions (``key_positions: target+subject`` adds each prompt's last subject token); the loss stays on the
+    predict positions."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -34,9 +37,15 @@ class MicroBatch:
     labels: torch.Tensor
     record_ids: torch.Tensor
     hidden: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.input_ids, self.attention_mask, self.predict_mask, self.labels
+
+    def cache_tuple(self) -> tuple[torch.Tensor, ...]:
+        """What :func:`~easyedit_agrade.core.cache.cache_keys_and_grads` takes: :meth:`as_tuple` plus the key
+        mask when the cached rows are not just the predict positions."""
+        return self.as_tuple() if self.key_mask is None else (*self.as_tuple(), self.key_mask)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -48,14 +57,24 @@ class MicroBatch:
         return self.labels[self.predict_mask]
 
 
+#: which positions' rows an editor caches (``key_positions`` in the hparams)
+KEY_POSITIONS = ("target", "target+subject")
+
+
 def encode_micro_batches(tok, prompts: Sequence[str], targets: Sequence[str], *, max_length: int | None,
                          micro_batch: int, device: torch.device | str = "cpu",
-                         sort_by_length: bool = True) -> list[MicroBatch]:
+                         sort_by_length: bool = True, subjects: Sequence[str | None] | None = None,
+                         key_positions: str = "target") -> list[MicroBatch]:
     """Tokenise pairs into right-padded micro-batches of at most ``micro_batch`` records.
 
     With ``sort_by_length`` records of similar length share a micro-batch (less padding); ``record_ids`` keeps
-    the mapping back to the caller's order.
+    the mapping back to the caller's order. ``key_positions="target+subject"`` with ``subjects`` sets each
+    batch's ``key_mask`` to the predict positions plus the last token of each prompt's subject (records without
+    their subject in the prompt contribute their predict positions only).
     """
+    if key_positions not in KEY_POSITIONS:
+        raise ValueError(f"key_positions must be one of {KEY_POSITIONS}, got {key_positions!r}")
+    with_subject = key_positions == "target+subject" and subjects is not None
     n = len(prompts)
     order = list(range(n))
     if sort_by_length and n > micro_batch:
@@ -65,9 +84,11 @@ def encode_micro_batches(tok, prompts: Sequence[str], targets: Sequence[str], *,
     for start in range(0, n, micro_batch):
         idx = order[start:start + micro_batch]
         b = encode_prompt_target(tok, [prompts[i] for i in idx], [targets[i] for i in idx],
-                                 max_length=max_length, padding_side="right", record_ids=idx)
+                                 max_length=max_length, padding_side="right", record_ids=idx,
+                                 subjects=[subjects[i] for i in idx] if with_subject else None)  # type: ignore[index]
+        key_mask = None if b.subject_mask is None else (b.predict_mask | b.subject_mask).to(device)
         out.append(MicroBatch(b.input_ids.to(device), b.attention_mask.to(device), b.predict_mask.to(device),
-                              b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long)))
+                              b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long), key_mask=key_mask))
     return out
 
 
@@ -101,11 +122,15 @@ class HypernetEditor:
         self.lower_stack = LayerStack(low, list(self.hparams.inner_params))
 
     def encode(self, prompts: Sequence[str], targets: Sequence[str], micro_batch: int | None = None,
-               max_length: int | None | str = "hparams") -> list[MicroBatch]:
-        """Micro-batches of ``prompt + target``; ``max_length`` defaults to ``hparams.max_length`` (None: no cut)."""
+               max_length: int | None | str = "hparams",
+               subjects: Sequence[str | None] | None = None) -> list[MicroBatch]:
+        """Micro-batches of ``prompt + target``; ``max_length`` defaults to ``hparams.max_length`` (None: no cut).
+        Pass the requests' ``subjects`` for batches that are cached (the edit prompts): with ``hparams.key_positions``
+        ``target+subject`` their last subject tokens become cached rows too."""
         limit = self.hparams.max_length if max_length == "hparams" else max_length
         return encode_micro_batches(self.tok, prompts, targets, max_length=limit,  # type: ignore[arg-type]
-                                    micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device)
+                                    micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device,
+                                    subjects=subjects, key_positions=getattr(self.hparams, "key_positions", "target"))
 
     def lower(self, mbs: Sequence[MicroBatch]) -> None:
         """Run the frozen lower layers once per micro-batch (no grad) and keep the result on the batch."""
@@ -135,7 +160,7 @@ class HypernetEditor:
         spill = bool(getattr(self.hparams, "cache_spill", False)) if spill is None else spill
         target = KeyGradCache(self.stack.module_names, spill=spill,
                               spill_root=getattr(self.hparams, "cache_spill_dir", None)) if spill else None
-        return cache_keys_and_grads(self.stack, [mb.as_tuple() for mb in mbs], hidden=hidden, dtype=self.dtype,
+        return cache_keys_and_grads(self.stack, [mb.cache_tuple() for mb in mbs], hidden=hidden, dtype=self.dtype,
                                     cache=target)
 
 

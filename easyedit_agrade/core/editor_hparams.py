@@ -47,6 +47,10 @@ class EditorHyperParams(ValidatedHyperParamsMixin, _Base):
     n_blocks: int = 2
     #: edits per forward/backward when caching the edited modules' inputs and output gradients
     cache_batch_size: int = 16
+    #: which positions' rows are cached: ``target`` (the positions predicting a target token: the paper's and
+    #: MALMEN's choice) or ``target+subject`` (also each edit prompt's last subject token, where ROME/MEMIT place
+    #: their edit; the loss stays on the targets). Part of what a network is trained for (archive-checked).
+    key_positions: Literal["target", "target+subject"] = "target"
     editor_dtype: Literal["float32", "float64"] = "float32"
     #: refuse an edit (model untouched) whose ‖ΔW‖_F/‖W‖_F exceeds this in some module; None: off. A bound
     #: against blow-ups, not a quality gate; see ``core/edit_report.py``

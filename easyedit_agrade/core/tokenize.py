@@ -30,6 +30,8 @@ class PromptTargetBatch:
     attention_mask: torch.Tensor  # (B, L)
     labels: torch.Tensor  # (B, L), -100 outside targets
     target_mask: torch.Tensor  # (B, L) bool, True on target tokens
+    #: (B, L) bool, True on the last token of the subject in the prompt (``subjects`` given; else None)
+    subject_mask: torch.Tensor | None = None
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -47,7 +49,8 @@ class PromptTargetBatch:
 
     def to(self, device: torch.device | str) -> "PromptTargetBatch":
         return PromptTargetBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
-                                                          self.target_mask)))
+                                                          self.target_mask)),
+                                 subject_mask=None if self.subject_mask is None else self.subject_mask.to(device))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -61,8 +64,13 @@ def encode_prompt_target(
     max_length: int | None = None,
     padding_side: str = "right",
     record_ids: Sequence[int] | None = None,
+    subjects: Sequence[str | None] | None = None,
 ) -> PromptTargetBatch:
     """Tokenise pairs; truncation (``max_length``) cuts the *prompt's start*, never the target.
+
+    With ``subjects`` the batch also gets :attr:`PromptTargetBatch.subject_mask`: per row the last token of the
+    subject's first occurrence in the prompt (character offsets, like the target; ROME/MEMIT's subject position).
+    A row whose subject is None, does not occur in its prompt, or was cut away by truncation has no subject token.
 
     Raises ``ValueError`` naming the record index when a pair is empty or the target would be cut: the caller's
     index ``record_ids[i]`` when given (e.g. the original position of a length-sorted micro-batch's records),
@@ -74,7 +82,9 @@ def encode_prompt_target(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if record_ids is not None and len(record_ids) != len(prompts):
         raise ValueError(f"{len(record_ids)} record_ids for {len(prompts)} prompts")
-    rows: list[tuple[list[int], list[bool]]] = []
+    if subjects is not None and len(subjects) != len(prompts):
+        raise ValueError(f"{len(subjects)} subjects for {len(prompts)} prompts")
+    rows: list[tuple[list[int], list[bool], int | None]] = []
     for j, (prompt, target) in enumerate(zip(prompts, targets)):
         i = int(record_ids[j]) if record_ids is not None else j
         if not isinstance(prompt, str) or not isinstance(target, str):
@@ -89,6 +99,8 @@ def encode_prompt_target(
         is_target = [t or (s < start < e) for t, (s, e) in zip(is_target, offsets)]
         if not any(is_target):
             raise ValueError(f"record {i}: target {target!r} produced no tokens")
+        in_subject = subject_token_indices(prompt, subjects[j] if subjects is not None else None, offsets)
+        subject_at = in_subject[-1] if in_subject else None
         if max_length is not None and len(ids) > max_length:
             first_target = is_target.index(True)
             n_target = len(ids) - first_target
@@ -96,21 +108,35 @@ def encode_prompt_target(
                 raise ValueError(f"record {i}: target needs {n_target} tokens, more than max_length={max_length}")
             cut = len(ids) - max_length
             ids, is_target = ids[cut:], is_target[cut:]
-        rows.append((ids, is_target))
-    width = max(len(ids) for ids, _ in rows)
+            subject_at = None if subject_at is None or subject_at < cut else subject_at - cut
+        rows.append((ids, is_target, subject_at))
+    width = max(len(ids) for ids, _, _ in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = len(rows)
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
     target_mask = torch.zeros((batch, width), dtype=torch.bool)
-    for b, (ids, is_target) in enumerate(rows):
+    subject_mask = torch.zeros((batch, width), dtype=torch.bool) if subjects is not None else None
+    for b, (ids, is_target, subject_at) in enumerate(rows):
         n = len(ids)
         sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
         input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
         attention[b, sl] = 1
         target_mask[b, sl] = torch.tensor(is_target, dtype=torch.bool)
+        if subject_mask is not None and subject_at is not None:
+            subject_mask[b, sl.start + subject_at] = True
     labels = torch.where(target_mask, input_ids, torch.full_like(input_ids, -100))
-    return PromptTargetBatch(input_ids, attention, labels, target_mask)
+    return PromptTargetBatch(input_ids, attention, labels, target_mask, subject_mask)
+
+
+def subject_token_indices(prompt: str, subject: str | None, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the tokens (character ``offsets`` of a tokenisation of text starting with ``prompt``) that
+    overlap the subject's first occurrence in ``prompt``; [] when the subject is None or absent."""
+    at = prompt.find(subject) if subject else -1
+    if at < 0:
+        return []
+    end = at + len(subject)  # type: ignore[arg-type]
+    return [t for t, (s, e) in enumerate(offsets) if e > s and s < end and e > at]
 
 
 def text_windows(tok, path, *, n_windows: int, window: int) -> torch.Tensor:

@@ -122,7 +122,8 @@ def compute(spec: dict[str, Any], collective) -> dict[str, torch.Tensor]:
     trainer.nets.eval()
     editor = AGRADEEditor(model, tok, cfg, trainer.nets)
     mine = collective.shard(records)
-    result = editor.edit_deltas([r.prompt for r in mine], [r.target_new for r in mine], collective=collective)
+    result = editor.edit_deltas([r.prompt for r in mine], [r.target_new for r in mine], collective=collective,
+                                subjects=[r.subject for r in mine])
     for name, delta in result.deltas.items():
         out[f"edit/{name}"] = delta.detach().clone()
     # training: one step's gradients, then the state after `steps` Adam steps

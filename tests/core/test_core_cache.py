@@ -50,12 +50,19 @@ def test_lower_then_upper_equals_full_forward(idx):
     assert len(find_decoder_layers(model)[1]) == 4  # the layer list is restored
 
 
+@pytest.mark.parametrize("with_key_mask", [False, True])
 @pytest.mark.parametrize("idx", [0, 1])
-def test_captured_keys_and_grads_equal_autograd(idx):
+def test_captured_keys_and_grads_equal_autograd(idx, with_key_mask):
+    """H and ∇G at the predict positions — or, with a key mask (``key_positions: target+subject``), also at
+    earlier positions whose gradient only arrives through the attention above; the loss stays on the targets."""
     model, params = _models()[idx]
     stack = LayerStack(model, params)
     ids, att, pm, labels = _batch()
-    cache = cache_keys_and_grads(stack, [(ids, att, pm, labels)], dtype=torch.float64)
+    km = pm.clone()
+    km[0, 1] = km[2, 0] = True
+    rows = km if with_key_mask else pm
+    cache = cache_keys_and_grads(stack, [(ids, att, pm, labels, km) if with_key_mask else (ids, att, pm, labels)],
+                                 dtype=torch.float64)
     # reference: full forward, hooks keep the module inputs and outputs, autograd gives d loss / d output
     seen = {}
 
@@ -73,8 +80,18 @@ def test_captured_keys_and_grads_equal_autograd(idx):
     for name in stack.module_names:
         H, dG = cache.get(name)
         inp, out = seen[name]
-        assert torch.allclose(H, inp[pm].detach(), atol=1e-12)
-        assert torch.allclose(dG, out.grad[pm], atol=1e-12)
+        assert H.shape[0] == int(rows.sum())
+        assert torch.allclose(H, inp[rows].detach(), atol=1e-12)
+        # the cache pass takes the CE of fp32-cast logits: agreement to fp32 precision of the gradient's scale
+        assert torch.allclose(dG, out.grad[rows], atol=1e-6 * float(out.grad.abs().max()))
+        if with_key_mask:  # the extra rows' gradient comes through the attention of the layers above only
+            above = stack.layer_of[name] < len(find_decoder_layers(model)[1]) - 1
+            assert (float(out.grad[km & ~pm].abs().max()) > 0) == above
+    if with_key_mask:  # an explicit key mask equal to the predict mask is the default cache, bit for bit
+        explicit = cache_keys_and_grads(stack, [(ids, att, pm, labels, pm)], dtype=torch.float64)
+        default = cache_keys_and_grads(stack, [(ids, att, pm, labels)], dtype=torch.float64)
+        for name in stack.module_names:
+            assert all(torch.equal(a, b) for a, b in zip(explicit.get(name), default.get(name)))
     lower_param = next(iter(find_decoder_layers(model)[1][0].parameters()))
     assert lower_param.requires_grad  # flags restored after the cache pass
     model.zero_grad(set_to_none=True)

@@ -48,7 +48,8 @@ def build_probes(editor: AGRADEEditor, records: Sequence[EditRecord], micro_batc
     mb = micro_batch or editor.hparams.cache_batch_size
     p = Probes(
         n=len(records),
-        edit=editor.encode([r.prompt for r in records], [r.target_new for r in records], mb),
+        edit=editor.encode([r.prompt for r in records], [r.target_new for r in records], mb,
+                           subjects=[r.subject for r in records]),
         equiv=editor.encode([r.rephrase_prompt for r in records], [r.target_new for r in records], mb),  # type: ignore[misc]
         # locality answers can be long (zsRE's loc_ans up to ~50 tokens): never cut them
         loc=editor.encode([r.locality_prompt for r in records], [r.locality_ground_truth for r in records], mb,  # type: ignore[misc]

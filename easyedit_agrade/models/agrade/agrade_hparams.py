@@ -131,7 +131,7 @@ class AGRADEHyperParams(EditorHyperParams):
     #: fields that change the trained network or its meaning (checked against an archive's metadata)
     ARCHIVE_KEYS: ClassVar[tuple[str, ...]] = ("rank", "n_blocks", "inner_params", "preset", "use_adjustment",
                                                "use_regularization", "use_weight_projection",
-                                               "use_gradient_projection")
+                                               "use_gradient_projection", "key_positions")
 
 
 @dataclass(kw_only=True)

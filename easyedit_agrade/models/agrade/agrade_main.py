@@ -69,7 +69,8 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
 
     def edit_chunk(start: int, stop: int, report) -> dict[str, torch.Tensor]:
         chunk = coll.shard(records[start:stop])
-        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll)
+        result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll,
+                                   subjects=[r.subject for r in chunk])
         note_suppressed(editor, report)  # warns when the outlier guards left nothing to edit
         return result.deltas
 

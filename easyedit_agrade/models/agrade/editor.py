@@ -301,10 +301,14 @@ class AGRADEEditor(HypernetEditor):
         return every.median() if every.numel() else None
 
     def edit_deltas(self, prompts: Sequence[str], targets: Sequence[str],
-                    collective: Collective | None = None) -> EditResult:
+                    collective: Collective | None = None,
+                    subjects: Sequence[str | None] | None = None) -> EditResult:
         """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated). With a
-        multi-rank ``collective`` pass this rank's shard of the edits; every rank gets the same ΔW."""
-        mbs = self.encode(prompts, targets)
+        multi-rank ``collective`` pass this rank's shard of the edits; every rank gets the same ΔW. ``subjects``
+        (the requests' subjects) are needed by ``key_positions: target+subject`` (an error without them)."""
+        if getattr(self.hparams, "key_positions", "target") != "target" and subjects is None:
+            raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
+        mbs = self.encode(prompts, targets, subjects=subjects)
         cache = self.cache(mbs, keep_hidden=False)
         try:
             result = self.compute(cache, collective, keep_modules=False)
