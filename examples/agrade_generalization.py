@@ -249,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                             net.lr.copy_(eta0[name] * factor)
                     t0 = time.perf_counter()
                     grad_norms = None
-                    if subject_mode == "none":
-                        result = editor.edit_deltas(prompts, targets)
+                    subjects = [r.subject for r in recs] * (1 + k)
+                    if subject_mode == "none":  # the rows hp.key_positions asks for
+                        result = editor.edit_deltas(prompts, targets, subjects=subjects)
                     else:
-                        subjects = [r.subject for r in recs] * (1 + k)
                         result, grad_norms = edit_with_subject_rows(editor, prompts, targets, subjects, subject_mode)
                     edit_s = time.perf_counter() - t0
                     saved = apply_deltas(model, result.deltas, mode=hp.apply_mode)
