@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agrade_generalization import SETS, subject_key_masks  # noqa: E402
+from agrade_generalization import SETS, subject_micro_batches  # noqa: E402
 
 HPARAMS = "hparams/AGRADE/smollm2-135m"
 
@@ -47,13 +47,12 @@ def cache_rows(editor, recs, row_mode: str):
 
     from easyedit_agrade.core.cache import cache_keys_and_grads
 
-    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
-    mbs = editor.encode(prompts, targets)
-    masks = subject_key_masks(editor, mbs, prompts, targets, [r.subject for r in recs], "last")
+    batches = subject_micro_batches(editor, [r.prompt for r in recs], [r.target_new for r in recs],
+                                    [r.subject for r in recs], "last")
     chosen = {"target": lambda mb, km, subj: mb.predict_mask, "+subject": lambda mb, km, subj: km,
               "subject": lambda mb, km, subj: subj}[row_mode]
-    cache = cache_keys_and_grads(editor.stack, [(*mb.as_tuple(), chosen(mb, km, subj))
-                                                for mb, (km, subj) in zip(mbs, masks)], dtype=torch.float64)
+    cache = cache_keys_and_grads(editor.stack, [(*mb.as_tuple(), chosen(mb, km, subj)) for mb, km, subj in batches],
+                                 dtype=torch.float64)
     return {n: (H, -g) for n in editor.stack.module_names for H, g in [cache.get(n)]}
 
 

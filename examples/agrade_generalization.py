@@ -123,24 +123,29 @@ def per_record_first_token_correct(editor, mbs, n):
     return out
 
 
-def subject_key_masks(editor, mbs, prompts, targets, subjects, mode: str):
-    """Per micro-batch (key mask, subject mask): the predict positions plus the subject's token positions
-    (``mode`` 'last' / 'all'); a record whose prompt was cut at ``max_length`` gets no subject rows."""
-    import torch
+def subject_micro_batches(editor, prompts, targets, subjects, mode: str):
+    """The editor's micro-batches of the edit requests as ``key_positions: target+subject`` encodes them
+    (:func:`~easyedit_agrade.core.editor_base.encode_micro_batches`), each with (key mask, subject mask): the
+    predict positions plus the subject's last token (``mode='last'``) or all its tokens (``'all'``)."""
+    from easyedit_agrade.core.editor_base import encode_micro_batches
 
-    from easyedit_agrade.core.tokenize import join_prompt_target
-
+    mbs = encode_micro_batches(editor.tok, prompts, targets, max_length=editor.hparams.max_length,
+                               micro_batch=editor.hparams.cache_batch_size, device=editor.device,
+                               subjects=subjects, key_positions="target+subject")
     out = []
     for mb in mbs:
-        subj = torch.zeros_like(mb.predict_mask)
-        for b, r in enumerate(mb.record_ids.tolist()):
-            full = len(editor.tok(join_prompt_target(prompts[r], targets[r])[0], add_special_tokens=True)["input_ids"])
-            if int(mb.attention_mask[b].sum()) != full:
-                continue  # the prompt was cut: positions would be off
-            for pos in subject_token_positions(editor.tok, prompts[r], subjects[r], mode):
-                if pos < subj.shape[1] and not bool(mb.predict_mask[b, pos]):
-                    subj[b, pos] = True
-        out.append((mb.predict_mask | subj, subj))
+        subj = mb.key_mask & ~mb.predict_mask
+        if mode == "all":  # the subject's other tokens, shifted as its last one was (truncation)
+            for b, r in enumerate(mb.record_ids.tolist()):
+                last = subj[b].nonzero()[:, 0]
+                inside = subject_token_positions(editor.tok, prompts[r], subjects[r], "all")
+                if not len(last) or not inside:
+                    continue
+                shift = int(last[-1]) - inside[-1]
+                for pos in (p + shift for p in inside):
+                    if pos >= 0 and not bool(mb.predict_mask[b, pos]):
+                        subj[b, pos] = True
+        out.append((mb, mb.predict_mask | subj, subj))
     return out
 
 
@@ -153,11 +158,9 @@ def edit_with_subject_rows(editor, prompts, targets, subjects, mode: str):
 
     from easyedit_agrade.core.cache import cache_keys_and_grads
 
-    mbs = editor.encode(prompts, targets)
-    masks = subject_key_masks(editor, mbs, prompts, targets, subjects, mode)
-    cache = cache_keys_and_grads(editor.stack, [(*mb.as_tuple(), km) for mb, (km, _) in zip(mbs, masks)],
-                                 dtype=editor.dtype)
-    is_subject = torch.cat([subj[km] for km, subj in masks])
+    batches = subject_micro_batches(editor, prompts, targets, subjects, mode)
+    cache = cache_keys_and_grads(editor.stack, [(*mb.as_tuple(), km) for mb, km, _ in batches], dtype=editor.dtype)
+    is_subject = torch.cat([subj[km] for _, km, subj in batches])
     norms = cache.get(editor.stack.module_names[0])[1].norm(dim=1)
     result = editor.compute(cache, keep_modules=False)
     editor.check_preserved_change(result)

@@ -130,7 +130,7 @@ class HypernetEditor:
         limit = self.hparams.max_length if max_length == "hparams" else max_length
         return encode_micro_batches(self.tok, prompts, targets, max_length=limit,  # type: ignore[arg-type]
                                     micro_batch=micro_batch or self.hparams.cache_batch_size, device=self.device,
-                                    subjects=subjects, key_positions=getattr(self.hparams, "key_positions", "target"))
+                                    subjects=subjects, key_positions=self.hparams.key_positions)
 
     def lower(self, mbs: Sequence[MicroBatch]) -> None:
         """Run the frozen lower layers once per micro-batch (no grad) and keep the result on the batch."""

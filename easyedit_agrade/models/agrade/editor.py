@@ -306,7 +306,7 @@ class AGRADEEditor(HypernetEditor):
         """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated). With a
         multi-rank ``collective`` pass this rank's shard of the edits; every rank gets the same ΔW. ``subjects``
         (the requests' subjects) are needed by ``key_positions: target+subject`` (an error without them)."""
-        if getattr(self.hparams, "key_positions", "target") != "target" and subjects is None:
+        if self.hparams.key_positions != "target" and subjects is None:
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
         mbs = self.encode(prompts, targets, subjects=subjects)
         cache = self.cache(mbs, keep_hidden=False)
