@@ -170,13 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 editor = AGRADEEditor(model, tok, hp, nets)
                 t0 = time.perf_counter()
                 try:
-                    with torch.enable_grad():
-                        mbs = editor.encode([r.prompt for r in recs], [r.target_new for r in recs])
-                        cache = editor.cache(mbs, keep_hidden=False)
-                    try:
-                        result = editor.compute(cache, keep_modules=False)
-                    finally:
-                        cache.close()
+                    with torch.enable_grad():  # the executor's path: encode, cache, solve (× edit_rounds)
+                        result = editor.edit_deltas([r.prompt for r in recs], [r.target_new for r in recs],
+                                                    subjects=[r.subject for r in recs])
                 except Exception as exc:  # reported in the table, never silently dropped
                     results["rows"].append({"set": set_name, "n": n, "editor": name, "error": repr(exc)})
                     print(f"[{set_name} N={n}] {name}: FAILED {exc!r}", flush=True)
@@ -190,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                            "portability": accuracy(editor, port, pr.n) if port is not None else None,
                            "ppl": float(perplexity(model, windows)),
                            "preserved_change": preserved_output_change(model, stats, result.deltas),
+                           "rounds": result.rounds,
                            "delta_ratio": {k: float(d.norm() / weights_copy[k + ".weight"].float().norm())
                                            for k, d in result.deltas.items()} if weights_copy else None,
                            "generation": generation_checks(model, tok, recs, args)}
@@ -220,20 +217,22 @@ def markdown(results: dict) -> str:
     lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
              "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
     lines.append("| set | N | editor | ES | GS | LS | Score | portability | ppl (× unedited) | edit s | edits/s | "
-                 "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB | rounds |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 11)
             continue
         port = "–" if r.get("portability") is None else f"{r['portability']:.3f}"
         ratio = "–" if not r.get("delta_ratio") else f"{max(r['delta_ratio'].values()):.3f}"
         rel = r["ppl"] / results["ppl_unedited"]
         change = "–" if not r.get("preserved_change") else f"{max(r['preserved_change'].values()):.3g}"
+        # solves made (edit_rounds; the rows before the option existed, and the unedited ones, have none recorded)
+        solved = "–" if r["editor"] == "unedited" else str(sum(x["solved"] for x in r.get("rounds") or []) or 1)
         lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
                      f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
                      f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | {change} | "
-                     f"{r.get('peak_rss_mb', 0):.0f} |")
+                     f"{r.get('peak_rss_mb', 0):.0f} | {solved} |")
     gens = [r for r in results["rows"] if r.get("generation")]
     if gens:
         lines += ["", "Generation-based checks (greedy, first edited records; prefix = the generation starts with the new "

@@ -253,6 +253,10 @@ class KeyGradCache:
     keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    #: target tokens scored by the cache pass and how many of them were already the argmax (teacher-forced token
+    #: accuracy of the model being edited on its own edit prompts, for free from the pass's logits)
+    n_targets: int = 0
+    n_correct: int = 0
     spill: bool = False
     spill_root: str | None = None
     shards: dict[str, list[str]] = field(default_factory=dict)
@@ -356,8 +360,11 @@ def cache_keys_and_grads(
         h = hidden[i] if hidden is not None else stack.lower(ids, att)
         with torch.enable_grad(), grad_only_for(stack.model), KeyGradCapture(modules, key_mask, dtype) as cap:
             logits = stack.upper(h, ids, att, pmask)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels[pmask], reduction="sum")
+            wanted = labels[pmask]
+            loss = torch.nn.functional.cross_entropy(logits.float(), wanted, reduction="sum")
             loss.backward()
+            cache.n_correct += int((logits.detach().argmax(-1) == wanted).sum())
+            cache.n_targets += int(wanted.numel())
             for name in stack.module_names:
                 cache.add(name, *cap.rows(name))
         cache.losses.append(float(loss.detach()))

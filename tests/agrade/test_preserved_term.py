@@ -214,6 +214,21 @@ def test_preserved_change_budget_raises_mu_until_within_budget(tok, settings, tm
         torch.testing.assert_close(streamed.deltas[n], d, rtol=1e-6, atol=1e-9)
 
 
+def test_budget_bounds_the_sum_of_edit_rounds(tok, settings):
+    """With ``edit_rounds`` the budget is on the batch's summed ΔW (relative to the weights before round 1), so
+    three rounds change ordinary-text outputs no more than one round may."""
+    recs = records(6)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    common = dict(settings, use_preserved_cov=True, log_mu_init=2.0)
+    budget = 0.5 * min(tiny_editor(tok, **common).edit_deltas(prompts, targets).preserved_change.values())
+    one = tiny_editor(tok, preserved_change_budget=budget, **common).edit_deltas(prompts, targets)
+    three = tiny_editor(tok, preserved_change_budget=budget, edit_rounds=3, rounds_stop_accuracy=None,
+                        **common).edit_deltas(prompts, targets)
+    assert [r["solved"] for r in three.rounds] == [True, True, True]
+    assert all(c <= budget for c in three.preserved_change.values())
+    assert any(not torch.equal(three.deltas[k], one.deltas[k]) for k in one.deltas)  # later rounds still move
+
+
 def test_stats_verb_names_a_missing_corpus(capsys):
     from easyedit_agrade.cli import main
     from easyedit_agrade.paths import REPO_ROOT

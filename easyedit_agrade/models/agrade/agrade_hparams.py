@@ -93,6 +93,13 @@ class AGRADEHyperParams(EditorHyperParams):
     #: when editing with the e^μ C₀ term: raise log μ per module in steps of 1 until that predicted output change
     #: is at most this (a batch-size-aware μ; None: the learned μ + log_mu_offset as they are)
     preserved_change_budget: Optional[float] = None
+    #: solves per batch when editing (1: the paper's one-shot edit). Round r > 1 caches H and ∇G again on the model
+    #: with the earlier rounds' ΔW applied (the residual of the edit) and solves again; the batch's ΔW is the sum.
+    #: A round is skipped once the edit prompts' target-token accuracy, measured by its own cache pass, reaches
+    #: ``rounds_stop_accuracy`` (None: always ``edit_rounds``). ``preserved_change_budget`` bounds the summed ΔW,
+    #: so more rounds never buy a larger change on ordinary text than one round may make. Not used in training
+    edit_rounds: int = 1
+    rounds_stop_accuracy: Optional[float] = 0.95
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
@@ -113,6 +120,10 @@ class AGRADEHyperParams(EditorHyperParams):
         if self.preserved_change_budget is not None and not (self.use_preserved_cov
                                                              and self.preserved_change_budget > 0):
             raise HyperParamsError("preserved_change_budget must be > 0 and needs use_preserved_cov: true")
+        if isinstance(self.edit_rounds, bool) or not isinstance(self.edit_rounds, int) or self.edit_rounds < 1:
+            raise HyperParamsError(f"edit_rounds must be an integer >= 1, got {self.edit_rounds!r}")
+        if self.rounds_stop_accuracy is not None and not 0 < float(self.rounds_stop_accuracy) <= 1:
+            raise HyperParamsError("rounds_stop_accuracy must be in (0, 1] (or null: always run edit_rounds rounds)")
         if self.max_preserved_change is not None and not self.max_preserved_change > 0:
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:

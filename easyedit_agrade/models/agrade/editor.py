@@ -59,6 +59,18 @@ class EditResult:
     preserved_change: dict[str, float] = field(default_factory=dict)
     #: per module, what ``preserved_change_budget`` added to log μ (0: the learned μ + log_mu_offset)
     mu_shift: dict[str, float] = field(default_factory=dict)
+    #: with ``edit_rounds`` > 1: per cache pass, the edit prompts' target-token accuracy before that round and
+    #: whether the round was solved (False: it had reached ``rounds_stop_accuracy``)
+    rounds: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EarlierRounds:
+    """What later rounds of one batch's edit need from the earlier ones: the summed ΔW so far (editor layout,
+    per module) and tr(WᵀC₀W) of the weights before the first round (the budget's denominator)."""
+
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    references: dict[str, float] = field(default_factory=dict)
 
 
 #: at most this many +1 steps of log μ under ``preserved_change_budget`` (e^16 ≈ 9·10⁶ times the learned μ)
@@ -154,25 +166,30 @@ class AGRADEEditor(HypernetEditor):
                                 preserved=preserved, log_mu=log_mu)
 
     def solve_module(self, name: str, H: torch.Tensor, *, G: torch.Tensor | None = None,
-                     gram: torch.Tensor | None = None, rhs: torch.Tensor | None = None):
+                     gram: torch.Tensor | None = None, rhs: torch.Tensor | None = None,
+                     earlier: EarlierRounds | None = None):
         """Eqs 3 and 5 for one module → (factorisation, ΔW, log μ shift used): ΔW = M⁻¹HᵀG from the rows (``H``,
         ``G``) or from the summed ``gram`` and ``rhs`` = HᵀG. When editing with ``hparams.preserved_change_budget``,
         log μ is raised in steps of 1 (at most ``MU_BUDGET_STEPS``) until the predicted output change on
         ordinary-text keys, tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W), is within the budget: larger batches get a stronger
-        preserved-knowledge term, instead of a fixed one tuned for one batch size."""
+        preserved-knowledge term, instead of a fixed one tuned for one batch size. In a later round of
+        ``edit_rounds`` (``earlier``) the budget bounds the earlier rounds' ΔW plus this one, relative to the
+        weights before the first round."""
         budget = getattr(self.hparams, "preserved_change_budget", None)
         adapt = (budget is not None and self.second_moments is not None and self.ridge_log_mu(name) is not None
                  and not self.nets.net(name).training)
         shift = 0.0
+        prior = None if earlier is None else earlier.deltas.get(name)
         if adapt:  # tr(WᵀC₀W), the denominator of every step's ratio: once per module
             C0 = self.second_moments[name]
-            reference = output_energy(C0, editor_layout_weight(self.model, name))
+            reference = (earlier.references[name] if earlier is not None and name in earlier.references
+                         else output_energy(C0, editor_layout_weight(self.model, name)))
         for _ in range(MU_BUDGET_STEPS + 1):
             fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
             delta = (eq.eq5_delta_from_rhs(fact, rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
-            if not adapt or output_energy(C0, delta) / reference <= budget:
+            if not adapt or output_energy(C0, delta if prior is None else prior + delta) / reference <= budget:
                 break
             shift += 1.0
         return fact, delta, shift
@@ -189,13 +206,14 @@ class AGRADEEditor(HypernetEditor):
 
     @torch.no_grad()
     def compute(self, cache: KeyGradCache, collective: Collective | None = None,
-                keep_modules: bool = True) -> EditResult:
+                keep_modules: bool = True, earlier: EarlierRounds | None = None) -> EditResult:
         """ΔW for every edited module (no grad). Modules are processed in layer order; eq 4 uses the previous
         module's final G when the shapes agree (modules of another width are not projected). With a multi-rank
         ``collective`` every rank passes its own shard's cache and gets the same ΔW. ``keep_modules=False``
-        (editing) drops the per-module rows the trainer needs."""
+        (editing) drops the per-module rows the trainer needs; ``earlier``: a later round of ``edit_rounds``."""
         if self.use_streamed(cache, collective):
-            return self.compute_streamed(cache, collective or Collective(), keep_modules=keep_modules)
+            return self.compute_streamed(cache, collective or Collective(), keep_modules=keep_modules,
+                                         earlier=earlier)
         result = EditResult(deltas={}, cache_loss=float(sum(cache.losses)))
         G_prev: torch.Tensor | None = None
         for name in self.stack.module_names:
@@ -206,7 +224,7 @@ class AGRADEEditor(HypernetEditor):
             if prev is not None and prev.shape[1] != grad.shape[1]:
                 prev = None
             G = self.module_G(name, H, grad, prev).detach()
-            fact, delta, result.mu_shift[name] = self.solve_module(name, H, G=G)
+            fact, delta, result.mu_shift[name] = self.solve_module(name, H, G=G, earlier=earlier)
             result.deltas[name] = delta
             if keep_modules:
                 result.modules.append(ModuleEdit(name, H, grad, G, prev, fact, delta))
@@ -215,7 +233,7 @@ class AGRADEEditor(HypernetEditor):
 
     @torch.no_grad()
     def compute_streamed(self, cache: KeyGradCache, collective: Collective,
-                         keep_modules: bool = True) -> EditResult:
+                         keep_modules: bool = True, earlier: EarlierRounds | None = None) -> EditResult:
         """The streamed / data-parallel path of :meth:`compute` (module docstring): per module, pass 1 maps each
         cached piece through eqs 1–2 and accumulates HᵀH and eq 4's inner products; they are summed over ranks;
         pass 2 applies eq 4 piece by piece and accumulates HᵀG (summed over ranks); eq 3 is factored from the
@@ -274,7 +292,8 @@ class AGRADEEditor(HypernetEditor):
                     H_local = torch.zeros(0, Dh, dtype=self.dtype, device=dev)
                     grad_local = torch.zeros(0, Dg, dtype=self.dtype, device=dev)
             # H stays in the editor dtype (its chunks are cast to fp64 inside eq 6's product)
-            fact, delta, result.mu_shift[name] = self.solve_module(name, H_local, gram=gram_acc, rhs=rhs)
+            fact, delta, result.mu_shift[name] = self.solve_module(name, H_local, gram=gram_acc, rhs=rhs,
+                                                                   earlier=earlier)
             result.deltas[name] = delta
             if keep_modules:
                 G_final = torch.cat([torch.zeros(0, Dg, dtype=self.dtype, device=dev), *final.pieces()])
@@ -303,19 +322,74 @@ class AGRADEEditor(HypernetEditor):
     def edit_deltas(self, prompts: Sequence[str], targets: Sequence[str],
                     collective: Collective | None = None,
                     subjects: Sequence[str | None] | None = None) -> EditResult:
-        """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated). With a
-        multi-rank ``collective`` pass this rank's shard of the edits; every rank gets the same ΔW. ``subjects``
-        (the requests' subjects) are needed by ``key_positions: target+subject`` (an error without them)."""
+        """Tokenise, cache and compute ΔW for one batch of edits (the hypernetwork is not updated; the model is
+        unchanged when this returns). With a multi-rank ``collective`` pass this rank's shard of the edits; every
+        rank gets the same ΔW. ``subjects`` (the requests' subjects) are needed by ``key_positions:
+        target+subject`` (an error without them). With ``hparams.edit_rounds`` > 1 see :meth:`edit_in_rounds`."""
         if self.hparams.key_positions != "target" and subjects is None:
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
         mbs = self.encode(prompts, targets, subjects=subjects)
-        cache = self.cache(mbs, keep_hidden=False)
-        try:
-            result = self.compute(cache, collective, keep_modules=False)
-        finally:
-            cache.close()
+        rounds = int(getattr(self.hparams, "edit_rounds", 1))
+        result = self._edit_round(mbs, collective)[0] if rounds == 1 else self.edit_in_rounds(mbs, rounds, collective)
         self.check_preserved_change(result)
         return result
+
+    def _edit_round(self, mbs: Sequence[MicroBatch], collective: Collective | None,
+                    earlier: EarlierRounds | None = None,
+                    stop_accuracy: float | None = None) -> tuple[EditResult | None, float]:
+        """One cache pass + solve on the model as it is → (result, the edit prompts' target-token accuracy before
+        the round); result None (nothing solved) when that accuracy is already ``stop_accuracy`` or more."""
+        cache = self.cache(mbs, keep_hidden=False)
+        try:
+            counts = torch.tensor([float(cache.n_correct), float(cache.n_targets)], dtype=torch.float64)
+            (collective or Collective()).all_reduce_(counts)
+            accuracy = float(counts[0] / counts[1].clamp_min(1.0))
+            if stop_accuracy is not None and accuracy >= stop_accuracy:
+                return None, accuracy
+            return self.compute(cache, collective, keep_modules=False, earlier=earlier), accuracy
+        finally:
+            cache.close()
+
+    def edit_in_rounds(self, mbs: Sequence[MicroBatch], rounds: int,
+                       collective: Collective | None = None) -> EditResult:
+        """``hparams.edit_rounds`` solves for one batch: round 1 is the one-shot edit; before round r > 1 the
+        earlier rounds' summed ΔW is applied to the model, H and ∇G are cached again (the residual of the edit)
+        and solved with ``preserved_change_budget`` bounding the sum. A round is not solved once the cache pass
+        finds the edit prompts' target-token accuracy at ``rounds_stop_accuracy`` (round 1 always is). The
+        model's weights are restored exactly before this returns; the result holds the summed ΔW."""
+        from ...core.weights import apply_deltas, restore_weights
+
+        stop = getattr(self.hparams, "rounds_stop_accuracy", None)
+        earlier = EarlierRounds()
+        if self.second_moments is not None:
+            earlier.references = {n: output_energy(self.second_moments[n], editor_layout_weight(self.model, n))
+                                  for n in self.stack.module_names if n in self.second_moments}
+        total: EditResult | None = None
+        originals: dict[str, torch.Tensor] = {}
+        try:
+            for r in range(rounds):
+                if r:
+                    apply_deltas(self.model, earlier.deltas, mode="inplace", weights_copy=originals)
+                result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
+                                                    stop if r else None)
+                if r:
+                    restore_weights(self.model, originals)  # the next round applies the new sum to the originals
+                if result is None:
+                    total.rounds.append({"accuracy_before": accuracy, "solved": False})
+                    break
+                if total is None:
+                    total = result
+                else:
+                    total.mu_shift = {n: max(total.mu_shift.get(n, 0.0), s) for n, s in result.mu_shift.items()}
+                total.rounds.append({"accuracy_before": accuracy, "solved": True})
+                for name, delta in result.deltas.items():
+                    earlier.deltas[name] = delta if name not in earlier.deltas else earlier.deltas[name] + delta
+        finally:
+            if originals:
+                restore_weights(self.model, originals)
+        assert total is not None
+        total.deltas = dict(earlier.deltas)
+        return total
 
     def preserved_output_change(self, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
         """:func:`preserved_output_change` with this editor's key statistics (empty without them)."""
