@@ -153,3 +153,14 @@ def test_streamed_rounds_equal_in_memory_rounds(tok, tmp_path):
     for k, d in mem.deltas.items():
         torch.testing.assert_close(spill.deltas[k], d, rtol=1e-6, atol=1e-9)
     assert list(tmp_path.iterdir()) == []  # every round's spill folder was removed
+
+
+def test_rounds_yaml_is_the_default_with_two_rounds():
+    """hparams/AGRADE/smollm2-135m-rounds.yaml stays the shipped YAML except for the settings chosen for rounds."""
+    from easyedit_agrade.paths import REPO_ROOT
+
+    default = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m")).to_dict()
+    rounds = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m-rounds")).to_dict()
+    assert {k for k in default if default[k] != rounds[k]} == {"edit_rounds", "preserved_change_budget"}
+    assert (default["edit_rounds"], rounds["edit_rounds"]) == (1, 2)
+    assert rounds["preserved_change_budget"] < default["preserved_change_budget"]

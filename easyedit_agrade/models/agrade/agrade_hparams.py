@@ -99,7 +99,7 @@ class AGRADEHyperParams(EditorHyperParams):
     #: ``rounds_stop_accuracy`` (None: always ``edit_rounds``). ``preserved_change_budget`` bounds the summed ΔW,
     #: so more rounds never buy a larger change on ordinary text than one round may make. Not used in training
     edit_rounds: int = 1
-    rounds_stop_accuracy: Optional[float] = 0.95
+    rounds_stop_accuracy: Optional[float] = 0.9
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
