@@ -236,6 +236,22 @@ def delta_leaves(model: nn.Module, deltas: Mapping[str, torch.Tensor], *,
         yield leaves
 
 
+@contextlib.contextmanager
+def added_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: every module named in ``deltas`` computes as if its weight were W + ΔW — its output gets
+    ``+ x @ ΔW`` formed in fp32 (fp64 when ΔW is) and rounded once to the output's dtype — without writing the
+    weights (a 16-bit weight is not rounded) and without touching the ΔW hooks of ``apply_deltas(mode="hook")``,
+    which keep adding their own edits first. Not differentiable w.r.t. ΔW (see :func:`delta_leaves`); removed
+    on exit."""
+    fixed = {}
+    for name, delta in deltas.items():
+        module = get_module(model, name)
+        delta_to_weight_layout(module, delta)  # shape check before any copy
+        fixed[name] = delta.detach().to(device=module.weight.device, dtype=_accum_dtype(delta))
+    with _output_hooks(model, fixed, _plus_x_delta):
+        yield
+
+
 def _plus_rounded_x_delta(output: torch.Tensor, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``output + round(x @ ΔW)``: the product in ΔW's dtype, rounded to the output's dtype, then added."""
     return output + (x.to(delta.dtype) @ delta).to(output.dtype)

@@ -17,6 +17,7 @@ Two ways through eqs 1–5 (:meth:`AGRADEEditor.compute` picks one; they agree t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -88,6 +89,8 @@ class AGRADEEditor(HypernetEditor):
     def __init__(self, model: nn.Module, tok, hparams: AGRADEHyperParams, nets: EditorNetworks) -> None:
         super().__init__(model, tok, hparams, nets)
         self.switches: Switches = hparams.switches()
+        #: True while :meth:`edit_in_rounds` solves round 2 or later (the guard counters count round 1 only)
+        self.later_round = False
         #: C₀ per module (key statistics; loaded for the preserved-knowledge term or the output-change guard) and
         #: its eigendecomposition on the kept basis (None: eq 3 without the term)
         self.second_moments: dict[str, torch.Tensor] | None = None
@@ -184,14 +187,17 @@ class AGRADEEditor(HypernetEditor):
             C0 = self.second_moments[name]
             reference = (earlier.references[name] if earlier is not None and name in earlier.references
                          else output_energy(C0, editor_layout_weight(self.model, name)))
-        for _ in range(MU_BUDGET_STEPS + 1):
+        for step in range(MU_BUDGET_STEPS + 1):
+            shift = float(step)
             fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
             delta = (eq.eq5_delta_from_rhs(fact, rhs) if gram is not None else eq.eq5_delta(fact, G)).to(self.dtype)
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(f"AGRADE produced a non-finite ΔW for {name} (solver info {fact.info})")
             if not adapt or output_energy(C0, delta if prior is None else prior + delta) / reference <= budget:
                 break
-            shift += 1.0
+        else:
+            if prior is not None:  # a later round still over the budget at the largest μ: only the part that fits
+                delta = delta * largest_step_within(C0, prior, delta, budget * reference)
         return fact, delta, shift
 
     def use_streamed(self, cache: KeyGradCache, collective: Collective | None = None) -> bool:
@@ -352,12 +358,16 @@ class AGRADEEditor(HypernetEditor):
 
     def edit_in_rounds(self, mbs: Sequence[MicroBatch], rounds: int,
                        collective: Collective | None = None) -> EditResult:
-        """``hparams.edit_rounds`` solves for one batch: round 1 is the one-shot edit; before round r > 1 the
-        earlier rounds' summed ΔW is applied to the model, H and ∇G are cached again (the residual of the edit)
-        and solved with ``preserved_change_budget`` bounding the sum. A round is not solved once the cache pass
-        finds the edit prompts' target-token accuracy at ``rounds_stop_accuracy`` (round 1 always is). The
-        model's weights are restored exactly before this returns; the result holds the summed ΔW."""
-        from ...core.weights import apply_deltas, restore_weights
+        """``hparams.edit_rounds`` solves for one batch: round 1 is the one-shot edit; round r > 1 caches H and ∇G
+        on the model computing with the earlier rounds' summed ΔW (forward hooks adding x·ΣΔW in fp32 — the
+        weights are never written, so 16-bit weights are not rounded and ΔW hooks already on the model stay) —
+        the residual of the edit — and solves it with ``preserved_change_budget`` bounding the sum. A round is
+        not solved once its cache pass finds the edit prompts' target-token accuracy at ``rounds_stop_accuracy``
+        (round 1 always is). The result holds the summed ΔW; ``mu_shift`` is the largest shift of any round,
+        ``cache_loss`` / ``n_tokens`` are round 1's."""
+        import contextlib
+
+        from ...core.weights import added_deltas
 
         stop = getattr(self.hparams, "rounds_stop_accuracy", None)
         earlier = EarlierRounds()
@@ -365,16 +375,14 @@ class AGRADEEditor(HypernetEditor):
             earlier.references = {n: output_energy(self.second_moments[n], editor_layout_weight(self.model, n))
                                   for n in self.stack.module_names if n in self.second_moments}
         total: EditResult | None = None
-        originals: dict[str, torch.Tensor] = {}
         try:
             for r in range(rounds):
-                if r:
-                    apply_deltas(self.model, earlier.deltas, mode="inplace", weights_copy=originals)
-                result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
-                                                    stop if r else None)
-                if r:
-                    restore_weights(self.model, originals)  # the next round applies the new sum to the originals
+                self.later_round = r > 0
+                with added_deltas(self.model, earlier.deltas) if r else contextlib.nullcontext():
+                    result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
+                                                        stop if r else None)
                 if result is None:
+                    assert total is not None
                     total.rounds.append({"accuracy_before": accuracy, "solved": False})
                     break
                 if total is None:
@@ -385,8 +393,7 @@ class AGRADEEditor(HypernetEditor):
                 for name, delta in result.deltas.items():
                     earlier.deltas[name] = delta if name not in earlier.deltas else earlier.deltas[name] + delta
         finally:
-            if originals:
-                restore_weights(self.model, originals)
+            self.later_round = False
         assert total is not None
         total.deltas = dict(earlier.deltas)
         return total
@@ -424,6 +431,19 @@ def output_energy(C0: torch.Tensor, X: torch.Tensor) -> float:
     """E‖kX‖² = tr(XᵀC₀X) (fp64) for keys k with second moment C₀ = E[kkᵀ], clamped away from 0."""
     X = X.to(torch.float64)
     return max(float((X * (C0.to(torch.float64) @ X)).sum()), 1e-300)
+
+
+@torch.no_grad()
+def largest_step_within(C0: torch.Tensor, prior: torch.Tensor, delta: torch.Tensor, limit: float) -> float:
+    """The largest t in [0, 1] with tr((P + tD)ᵀC₀(P + tD)) ≤ ``limit`` (P = ``prior``, D = ``delta``): the
+    quadratic a + 2bt + ct² solved in closed form; 0 when P alone is over the limit."""
+    P, D, C = prior.to(torch.float64), delta.to(torch.float64), C0.to(torch.float64)
+    CD = C @ D
+    a, b, c = float((P * (C @ P)).sum()), float((P * CD).sum()), float((D * CD).sum())
+    if a >= limit or c <= 0:
+        return 0.0 if a >= limit else 1.0
+    t = (-b + math.sqrt(max(b * b - c * (a - limit), 0.0))) / c
+    return min(max(t, 0.0), 1.0)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ class CountingAGRADEEditor(AGRADEEditor):
 
     def adjusted_gradient(self, name, H, *args, **kwargs):
         G = super().adjusted_gradient(name, H, *args, **kwargs)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not self.later_round:  # a row once per call, not once per round
             counts = self.suppressed.setdefault(name, [0, 0])
             counts[0] += int((G == 0).all(dim=1).sum())
             counts[1] += int(G.shape[0])
