@@ -126,6 +126,14 @@ def compute(spec: dict[str, Any], collective) -> dict[str, torch.Tensor]:
                                 subjects=[r.subject for r in mine])
     for name, delta in result.deltas.items():
         out[f"edit/{name}"] = delta.detach().clone()
+    # edit_rounds: two solves, the stop check on the all-reduced accuracy (1.0: never reached on a tiny model)
+    rounds_cfg = type(cfg).from_dict(dict(cfg.to_dict(), edit_rounds=2, rounds_stop_accuracy=1.0))
+    two = AGRADEEditor(model, tok, rounds_cfg, trainer.nets).edit_deltas(
+        [r.prompt for r in mine], [r.target_new for r in mine], collective=collective,
+        subjects=[r.subject for r in mine])
+    for name, delta in two.deltas.items():
+        out[f"rounds/{name}"] = delta.detach().clone()
+    out["rounds/accuracy_before"] = torch.tensor([r["accuracy_before"] for r in two.rounds], dtype=torch.float64)
     # training: one step's gradients, then the state after `steps` Adam steps
     trainer.nets.train()
     trainer.compute_gradients(records)
@@ -187,7 +195,7 @@ def check(spec: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
                        if k.startswith("edit/")), default=0.0)
     return {"errors": errors, "rank_spread_edit": rank_spread,
             "max_error": {g: max((v for k, v in errors.items() if k.startswith(g + "/")), default=0.0)
-                          for g in ("edit", "grad", "state")}}
+                          for g in ("edit", "rounds", "grad", "state")}}
 
 
 def main(argv: list[str] | None = None) -> int:
