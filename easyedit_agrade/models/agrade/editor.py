@@ -17,6 +17,7 @@ Two ways through eqs 1–5 (:meth:`AGRADEEditor.compute` picks one; they agree t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from ...core.cache import KeyGradCache, LayerStack
 from ...core.editor_base import HypernetEditor, MicroBatch, encode_micro_batches  # noqa: F401 (re-exported)
 from ...core.hypernet import EditorNetworks
+from ...core.weights import added_deltas
 from ...distributed.collective import Collective
 from ...kernels import choose_method
 from ...kernels.preserved import PreservedKeys
@@ -63,15 +65,6 @@ class EditResult:
     #: with ``edit_rounds`` > 1: per cache pass, the edit prompts' target-token accuracy before that round and
     #: whether the round was solved (False: it had reached ``rounds_stop_accuracy``)
     rounds: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class EarlierRounds:
-    """What later rounds of one batch's edit need from the earlier ones: the summed ΔW so far (editor layout,
-    per module) and tr(WᵀC₀W) of the weights before the first round (the budget's denominator)."""
-
-    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    references: dict[str, float] = field(default_factory=dict)
 
 
 #: at most this many +1 steps of log μ under ``preserved_change_budget`` (e^16 ≈ 9·10⁶ times the learned μ)
@@ -170,23 +163,22 @@ class AGRADEEditor(HypernetEditor):
 
     def solve_module(self, name: str, H: torch.Tensor, *, G: torch.Tensor | None = None,
                      gram: torch.Tensor | None = None, rhs: torch.Tensor | None = None,
-                     earlier: EarlierRounds | None = None):
+                     earlier: dict[str, torch.Tensor] | None = None):
         """Eqs 3 and 5 for one module → (factorisation, ΔW, log μ shift used): ΔW = M⁻¹HᵀG from the rows (``H``,
         ``G``) or from the summed ``gram`` and ``rhs`` = HᵀG. When editing with ``hparams.preserved_change_budget``,
         log μ is raised in steps of 1 (at most ``MU_BUDGET_STEPS``) until the predicted output change on
         ordinary-text keys, tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W), is within the budget: larger batches get a stronger
         preserved-knowledge term, instead of a fixed one tuned for one batch size. In a later round of
-        ``edit_rounds`` (``earlier``) the budget bounds the earlier rounds' ΔW plus this one, relative to the
-        weights before the first round."""
+        ``edit_rounds`` (``earlier``: the earlier rounds' summed ΔW per module) the budget bounds that sum plus
+        this round's ΔW (the weights are not written between rounds, so tr(WᵀC₀W) is the one before round 1)."""
         budget = getattr(self.hparams, "preserved_change_budget", None)
         adapt = (budget is not None and self.second_moments is not None and self.ridge_log_mu(name) is not None
                  and not self.nets.net(name).training)
         shift = 0.0
-        prior = None if earlier is None else earlier.deltas.get(name)
+        prior = None if earlier is None else earlier.get(name)
         if adapt:  # tr(WᵀC₀W), the denominator of every step's ratio: once per module
             C0 = self.second_moments[name]
-            reference = (earlier.references[name] if earlier is not None and name in earlier.references
-                         else output_energy(C0, editor_layout_weight(self.model, name)))
+            reference = output_energy(C0, editor_layout_weight(self.model, name))
         for step in range(MU_BUDGET_STEPS + 1):
             shift = float(step)
             fact = self.factorize(name, H, gram=gram, log_mu_shift=shift)
@@ -212,7 +204,7 @@ class AGRADEEditor(HypernetEditor):
 
     @torch.no_grad()
     def compute(self, cache: KeyGradCache, collective: Collective | None = None,
-                keep_modules: bool = True, earlier: EarlierRounds | None = None) -> EditResult:
+                keep_modules: bool = True, earlier: dict[str, torch.Tensor] | None = None) -> EditResult:
         """ΔW for every edited module (no grad). Modules are processed in layer order; eq 4 uses the previous
         module's final G when the shapes agree (modules of another width are not projected). With a multi-rank
         ``collective`` every rank passes its own shard's cache and gets the same ΔW. ``keep_modules=False``
@@ -239,7 +231,7 @@ class AGRADEEditor(HypernetEditor):
 
     @torch.no_grad()
     def compute_streamed(self, cache: KeyGradCache, collective: Collective,
-                         keep_modules: bool = True, earlier: EarlierRounds | None = None) -> EditResult:
+                         keep_modules: bool = True, earlier: dict[str, torch.Tensor] | None = None) -> EditResult:
         """The streamed / data-parallel path of :meth:`compute` (module docstring): per module, pass 1 maps each
         cached piece through eqs 1–2 and accumulates HᵀH and eq 4's inner products; they are summed over ranks;
         pass 2 applies eq 4 piece by piece and accumulates HᵀG (summed over ranks); eq 3 is factored from the
@@ -341,7 +333,7 @@ class AGRADEEditor(HypernetEditor):
         return result
 
     def _edit_round(self, mbs: Sequence[MicroBatch], collective: Collective | None,
-                    earlier: EarlierRounds | None = None,
+                    earlier: dict[str, torch.Tensor] | None = None,
                     stop_accuracy: float | None = None) -> tuple[EditResult | None, float]:
         """One cache pass + solve on the model as it is → (result, the edit prompts' target-token accuracy before
         the round); result None (nothing solved) when that accuracy is already ``stop_accuracy`` or more."""
@@ -365,20 +357,13 @@ class AGRADEEditor(HypernetEditor):
         not solved once its cache pass finds the edit prompts' target-token accuracy at ``rounds_stop_accuracy``
         (round 1 always is). The result holds the summed ΔW; ``mu_shift`` is the largest shift of any round,
         ``cache_loss`` / ``n_tokens`` are round 1's."""
-        import contextlib
-
-        from ...core.weights import added_deltas
-
         stop = getattr(self.hparams, "rounds_stop_accuracy", None)
-        earlier = EarlierRounds()
-        if self.second_moments is not None:
-            earlier.references = {n: output_energy(self.second_moments[n], editor_layout_weight(self.model, n))
-                                  for n in self.stack.module_names if n in self.second_moments}
+        earlier: dict[str, torch.Tensor] = {}  # the summed ΔW of the rounds so far
         total: EditResult | None = None
         try:
             for r in range(rounds):
                 self.later_round = r > 0
-                with added_deltas(self.model, earlier.deltas) if r else contextlib.nullcontext():
+                with added_deltas(self.model, earlier) if r else contextlib.nullcontext():
                     result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
                                                         stop if r else None)
                 if result is None:
@@ -391,11 +376,11 @@ class AGRADEEditor(HypernetEditor):
                     total.mu_shift = {n: max(total.mu_shift.get(n, 0.0), s) for n, s in result.mu_shift.items()}
                 total.rounds.append({"accuracy_before": accuracy, "solved": True})
                 for name, delta in result.deltas.items():
-                    earlier.deltas[name] = delta if name not in earlier.deltas else earlier.deltas[name] + delta
+                    earlier[name] = delta if name not in earlier else earlier[name] + delta
         finally:
             self.later_round = False
         assert total is not None
-        total.deltas = dict(earlier.deltas)
+        total.deltas = earlier
         return total
 
     def preserved_output_change(self, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -437,9 +422,8 @@ def output_energy(C0: torch.Tensor, X: torch.Tensor) -> float:
 def largest_step_within(C0: torch.Tensor, prior: torch.Tensor, delta: torch.Tensor, limit: float) -> float:
     """The largest t in [0, 1] with tr((P + tD)ᵀC₀(P + tD)) ≤ ``limit`` (P = ``prior``, D = ``delta``): the
     quadratic a + 2bt + ct² solved in closed form; 0 when P alone is over the limit."""
-    P, D, C = prior.to(torch.float64), delta.to(torch.float64), C0.to(torch.float64)
-    CD = C @ D
-    a, b, c = float((P * (C @ P)).sum()), float((P * CD).sum()), float((D * CD).sum())
+    a, c = output_energy(C0, prior), output_energy(C0, delta)
+    b = float((prior.to(torch.float64) * (C0.to(torch.float64) @ delta.to(torch.float64))).sum())
     if a >= limit or c <= 0:
         return 0.0 if a >= limit else 1.0
     t = (-b + math.sqrt(max(b * b - c * (a - limit), 0.0))) / c
