@@ -37,11 +37,16 @@ class EditReport:
     #: the chunks; ``total_rows``: all target rows of the call (each is one row in every edited module)
     suppressed_rows: dict[str, int] = field(default_factory=dict)
     total_rows: int = 0
+    #: AGRADE's perplexity guard (``max_heldout_ppl_ratio``): held-out perplexity after the last chunk over the
+    #: model as the call got it (None: guard off), and per chunk the step each solved round's ΔW was scaled by
+    heldout_ppl_ratio: float | None = None
+    guard_steps: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"alg_name": self.alg_name, "n_requests": self.n_requests, "chunks": self.chunks,
                 "delta_ratio": dict(self.delta_ratio), "suppressed_rows": dict(self.suppressed_rows),
-                "total_rows": self.total_rows}
+                "total_rows": self.total_rows, "heldout_ppl_ratio": self.heldout_ppl_ratio,
+                "guard_steps": [list(s) for s in self.guard_steps]}
 
 
 class EditedWeights(dict):

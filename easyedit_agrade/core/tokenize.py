@@ -139,13 +139,16 @@ def subject_token_indices(prompt: str, subject: str | None, offsets: Sequence[tu
     return [t for t, (s, e) in enumerate(offsets) if e > s and s < end and e > at]
 
 
-def text_windows(tok, path, *, n_windows: int, window: int) -> torch.Tensor:
-    """The first ``n_windows * window`` tokens of a UTF-8 text file as a ``(n_windows, window)`` tensor (no
-    special tokens; only as much text as needed is tokenised). Used for held-out perplexity and for the key
-    statistics of :mod:`easyedit_agrade.core.preserved_stats`."""
+def text_windows(tok, path, *, n_windows: int, window: int, skip: int = 0) -> torch.Tensor:
+    """``n_windows * window`` tokens of a UTF-8 text file, after its first ``skip`` tokens, as a
+    ``(n_windows, window)`` tensor (no special tokens; only as much text as needed is tokenised). Used for held-out
+    perplexity, the key statistics of :mod:`easyedit_agrade.core.preserved_stats` and (``skip`` = the statistics'
+    tokens) the held-out text of :mod:`easyedit_agrade.core.heldout`."""
     from pathlib import Path
 
-    need = n_windows * window
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    need = skip + n_windows * window
     text = Path(path).read_text(encoding="utf-8")
     chars = max(need * 8, 4096)
     while True:
@@ -154,8 +157,9 @@ def text_windows(tok, path, *, n_windows: int, window: int) -> torch.Tensor:
             break
         chars *= 2
     if len(ids) < need:
-        raise ValueError(f"{path}: only {len(ids)} tokens, {need} needed for {n_windows} windows of {window}")
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_windows, window)
+        raise ValueError(f"{path}: only {len(ids)} tokens, {need} needed for {n_windows} windows of {window}"
+                         + (f" after the first {skip}" if skip else ""))
+    return torch.tensor(ids[skip:need], dtype=torch.long).view(n_windows, window)
 
 
 def check_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str], *, max_length: int | None) -> None:

@@ -4,6 +4,8 @@ Runs the same edits and the same training steps once in a single process and onc
 (``torch.multiprocessing``, gloo, file rendezvous) and compares, tensor by tensor:
 
 * ``edit/<module>`` — ΔW of one batch of edits (eqs 1–5; every rank must hold the same ΔW);
+* ``rounds/…`` — the summed ΔW of two ``edit_rounds`` and the rounds' all-reduced accuracies;
+* ``guard/…`` — the perplexity guard's reference NLL and ratios (held-out windows sharded over ranks);
 * ``grad/<param>`` — hypernetwork gradients (body, η, λ) of one training step (eqs 6–7, after the all-reduce);
 * ``state/<param or buffer>`` — hypernetwork parameters and normaliser statistics after ``--steps`` Adam steps.
 
@@ -134,6 +136,20 @@ def compute(spec: dict[str, Any], collective) -> dict[str, torch.Tensor]:
     for name, delta in two.deltas.items():
         out[f"rounds/{name}"] = delta.detach().clone()
     out["rounds/accuracy_before"] = torch.tensor([r["accuracy_before"] for r in two.rounds], dtype=torch.float64)
+    # the perplexity guard: the held-out windows are sharded over ranks and the NLL sums all-reduced; the limit is
+    # never reached (the guarded ΔW is the 2-round one), so the reference NLL and the rounds' ratios are compared
+    with tempfile.TemporaryDirectory(prefix="easyedit-agrade-heldout-") as tmp:
+        over = dict(max_heldout_ppl_ratio=1e9, heldout_windows=3)
+        if spec["model"] != "embedded":  # a small text of its own (the embedded model uses the statistics corpus)
+            corpus = Path(tmp) / "heldout.txt"
+            corpus.write_text(" ".join(f"{p} {t}. {lp} {lg}." for p, t, _r, lp, lg in _FACTS * 8), encoding="utf-8")
+            over.update(preserved_corpus=str(corpus), preserved_tokens=64, preserved_window=32)
+        guard_editor = AGRADEEditor(model, tok, type(cfg).from_dict(dict(rounds_cfg.to_dict(), **over)), trainer.nets)
+        guarded = guard_editor.edit_deltas([r.prompt for r in mine], [r.target_new for r in mine],
+                                           collective=collective, subjects=[r.subject for r in mine])
+        out["guard/reference_nll"] = torch.tensor([guard_editor.heldout_text(collective)[1]], dtype=torch.float64)
+    out["guard/heldout_ppl_ratio"] = torch.tensor([r["heldout_ppl_ratio"] for r in guarded.rounds],
+                                                  dtype=torch.float64)
     # training: one step's gradients, then the state after `steps` Adam steps
     trainer.nets.train()
     trainer.compute_gradients(records)
@@ -195,7 +211,7 @@ def check(spec: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
                        if k.startswith("edit/")), default=0.0)
     return {"errors": errors, "rank_spread_edit": rank_spread,
             "max_error": {g: max((v for k, v in errors.items() if k.startswith(g + "/")), default=0.0)
-                          for g in ("edit", "rounds", "grad", "state")}}
+                          for g in ("edit", "rounds", "guard", "grad", "state")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ def test_two_processes_equal_one_process_fp32(dp_result):
     err = dp_result["max_error"]
     assert err["edit"] < 1e-4, err  # ΔW of eqs 1–5
     assert err["rounds"] < 1e-4, err  # edit_rounds: the 2-round ΔW (the accuracies are 0 on this tiny model)
+    assert err["guard"] < 1e-6, err  # the perplexity guard's held-out NLL: 3 windows over 2 ranks, sums all-reduced
     assert err["grad"] < 1e-4, err  # hypernetwork gradients (body, η, λ) of eqs 6–7
     assert err["state"] < 1e-4, err  # parameters + normaliser after two Adam steps
 
@@ -41,6 +42,7 @@ def test_all_parameters_and_modules_compared(dp_result):
     keys = dp_result["errors"]
     assert sum(k.startswith("edit/") for k in keys) == 3
     assert sum(k.startswith("rounds/") for k in keys) == 4  # 3 summed ΔW + the rounds' accuracies
+    assert sorted(k for k in keys if k.startswith("guard/")) == ["guard/heldout_ppl_ratio", "guard/reference_nll"]
     assert any(k.endswith(".lr") for k in keys if k.startswith("grad/"))
     assert any(k.endswith("log_lambda") for k in keys if k.startswith("grad/"))
     assert any("normalizer.mean" in k for k in keys if k.startswith("state/"))

@@ -98,7 +98,7 @@ def evaluate_records(editor: AGRADEEditor, records: Sequence[EditRecord], *, pre
     t0 = time.perf_counter()
     rounds = int(getattr(editor.hparams, "edit_rounds", 1))
     with torch.enable_grad():
-        if rounds > 1:  # as the executor edits (edit_rounds)
+        if rounds > 1 or editor.heldout_guard_on():  # as the executor edits (edit_rounds, the perplexity guard)
             result = editor.edit_in_rounds(probes.edit, rounds)
         else:
             result = editor.compute(editor.cache(probes.edit))

@@ -100,6 +100,16 @@ class AGRADEHyperParams(EditorHyperParams):
     #: so more rounds never buy a larger change on ordinary text than one round may make. Not used in training
     edit_rounds: int = 1
     rounds_stop_accuracy: Optional[float] = 0.9
+    #: the perplexity guard (docs/agrade.md, *Perplexity guard*): the editor measures the model's perplexity on
+    #: ``heldout_windows`` windows of ``preserved_window`` tokens of the statistics corpus that C₀ does not use (the
+    #: ones after its first ``preserved_tokens``; never the perplexity test text) when it first edits — the
+    #: reference — and after each round's ΔW; a round that would take it above ``max_heldout_ppl_ratio`` × the
+    #: reference is scaled by the largest step that keeps it within (``heldout_search_steps`` bisection steps, 0 =
+    #: not applied), no later round is solved, and a warning says so. The executor's reference is the model as the
+    #: call got it, so the bound holds for all chunks of a call together. None: off (nothing is measured)
+    max_heldout_ppl_ratio: Optional[float] = None
+    heldout_windows: int = 16
+    heldout_search_steps: int = 5
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
@@ -124,6 +134,13 @@ class AGRADEHyperParams(EditorHyperParams):
             raise HyperParamsError(f"edit_rounds must be an integer >= 1, got {self.edit_rounds!r}")
         if self.rounds_stop_accuracy is not None and not 0 < float(self.rounds_stop_accuracy) <= 1:
             raise HyperParamsError("rounds_stop_accuracy must be in (0, 1] (or null: always run edit_rounds rounds)")
+        if self.max_heldout_ppl_ratio is not None and not float(self.max_heldout_ppl_ratio) > 1:
+            raise HyperParamsError("max_heldout_ppl_ratio must be > 1 (a perplexity ratio; or null to turn the guard off)")
+        if isinstance(self.heldout_windows, bool) or not isinstance(self.heldout_windows, int) or self.heldout_windows < 1:
+            raise HyperParamsError(f"heldout_windows must be an integer >= 1, got {self.heldout_windows!r}")
+        if (isinstance(self.heldout_search_steps, bool) or not isinstance(self.heldout_search_steps, int)
+                or not 0 <= self.heldout_search_steps <= 20):
+            raise HyperParamsError(f"heldout_search_steps must be an integer in [0, 20], got {self.heldout_search_steps!r}")
         if self.max_preserved_change is not None and not self.max_preserved_change > 0:
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:

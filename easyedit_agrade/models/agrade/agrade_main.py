@@ -30,7 +30,7 @@ from ...core.executor import check_requests, edit_in_chunks, run_easyedit_execut
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
 from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
-from .guards import CountingAGRADEEditor, note_suppressed
+from .guards import CountingAGRADEEditor, note_heldout, note_suppressed
 
 __all__ = ["apply_agrade_to_model", "execute_agrade", "ArchiveNotFoundError", "ArchiveMismatchError",
            "clear_archive_cache"]
@@ -72,6 +72,7 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
         result = editor.edit_deltas([r.prompt for r in chunk], [r.target_new for r in chunk], collective=coll,
                                    subjects=[r.subject for r in chunk])
         note_suppressed(editor, report)  # warns when the outlier guards left nothing to edit
+        note_heldout(result.rounds, report)  # the perplexity guard (the editor warned if it scaled a round)
         return result.deltas
 
     return edit_in_chunks(model, hparams, "AGRADE", len(records), edit_chunk)

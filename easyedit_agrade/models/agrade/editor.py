@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from ...core.cache import KeyGradCache, LayerStack
 from ...core.editor_base import HypernetEditor, MicroBatch, encode_micro_batches  # noqa: F401 (re-exported)
+from ...core.heldout import HeldOutText, largest_step_within_perplexity
 from ...core.hypernet import EditorNetworks
 from ...core.weights import added_deltas
 from ...distributed.collective import Collective
@@ -63,7 +65,9 @@ class EditResult:
     #: per module, what ``preserved_change_budget`` added to log μ (0: the learned μ + log_mu_offset)
     mu_shift: dict[str, float] = field(default_factory=dict)
     #: with ``edit_rounds`` > 1: per cache pass, the edit prompts' target-token accuracy before that round and
-    #: whether the round was solved (False: it had reached ``rounds_stop_accuracy``)
+    #: whether the round was solved (False: it had reached ``rounds_stop_accuracy``); with the perplexity guard
+    #: (``max_heldout_ppl_ratio``) also the step the round's ΔW was scaled by and the held-out perplexity ratio
+    #: after it (``step``, ``heldout_ppl_ratio``)
     rounds: list[dict] = field(default_factory=list)
 
 
@@ -88,6 +92,8 @@ class AGRADEEditor(HypernetEditor):
         #: its eigendecomposition on the kept basis (None: eq 3 without the term)
         self.second_moments: dict[str, torch.Tensor] | None = None
         self.preserved: dict[str, PreservedKeys] | None = None
+        #: the perplexity guard's held-out text and reference NLL, per (rank, world size); built on first use
+        self._heldout: tuple[tuple[int, int], HeldOutText, float] | None = None
         if hparams.uses_preserved_keys() or getattr(hparams, "max_preserved_change", None) is not None:
             self.second_moments, keys = preserved_keys_for(model, tok, hparams)
             self.preserved = keys if hparams.uses_preserved_keys() else None
@@ -328,9 +334,38 @@ class AGRADEEditor(HypernetEditor):
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
         mbs = self.encode(prompts, targets, subjects=subjects)
         rounds = int(getattr(self.hparams, "edit_rounds", 1))
-        result = self._edit_round(mbs, collective)[0] if rounds == 1 else self.edit_in_rounds(mbs, rounds, collective)
+        if rounds == 1 and not self.heldout_guard_on():
+            result = self._edit_round(mbs, collective)[0]
+        else:
+            result = self.edit_in_rounds(mbs, rounds, collective)
         self.check_preserved_change(result)
         return result
+
+    def heldout_guard_on(self) -> bool:
+        """Whether the perplexity guard (``hparams.max_heldout_ppl_ratio``) acts: set, and editing (not training)."""
+        return (getattr(self.hparams, "max_heldout_ppl_ratio", None) is not None
+                and not self.nets.net(self.stack.module_names[0]).training)
+
+    def heldout_text(self, collective: Collective | None = None) -> tuple[HeldOutText, float]:
+        """(held-out text, reference NLL) of the perplexity guard: ``hparams.heldout_windows`` windows of the
+        statistics corpus after the tokens C₀ uses (:mod:`easyedit_agrade.core.heldout`), and their NLL on the model
+        as it is the first time this is called (per rank layout) — until :meth:`reset_heldout_reference`."""
+        from ...core.preserved_stats import resolve_corpus
+        from ...core.tokenize import text_windows
+
+        coll = collective or Collective()
+        layout = (coll.rank, coll.world_size)
+        if self._heldout is None or self._heldout[0] != layout:
+            hp = self.hparams
+            windows = text_windows(self.tok, resolve_corpus(hp.preserved_corpus), n_windows=int(hp.heldout_windows),
+                                   window=int(hp.preserved_window), skip=int(hp.preserved_tokens))
+            text = HeldOutText.from_windows(self, windows, coll)
+            self._heldout = (layout, text, text.nll())
+        return self._heldout[1], self._heldout[2]
+
+    def reset_heldout_reference(self) -> None:
+        """Measure the perplexity guard's reference again at the next edit (after the model was changed on purpose)."""
+        self._heldout = None
 
     def _edit_round(self, mbs: Sequence[MicroBatch], collective: Collective | None,
                     earlier: dict[str, torch.Tensor] | None = None,
@@ -356,8 +391,11 @@ class AGRADEEditor(HypernetEditor):
         the residual of the edit — and solves it with ``preserved_change_budget`` bounding the sum. A round is
         not solved once its cache pass finds the edit prompts' target-token accuracy at ``rounds_stop_accuracy``
         (round 1 always is). The result holds the summed ΔW; ``mu_shift`` is the largest shift of any round,
-        ``cache_loss`` / ``n_tokens`` are round 1's."""
+        ``cache_loss`` / ``n_tokens`` are round 1's. With the perplexity guard (:meth:`heldout_guard_on`, also
+        for ``rounds`` = 1) each round's ΔW is scaled by the largest step keeping the held-out perplexity within
+        ``max_heldout_ppl_ratio`` × the reference, and a scaled round is the last (:meth:`warn_guarded` says so)."""
         stop = getattr(self.hparams, "rounds_stop_accuracy", None)
+        guard = self.heldout_text(collective) if self.heldout_guard_on() else None
         earlier: dict[str, torch.Tensor] = {}  # the summed ΔW of the rounds so far
         total: EditResult | None = None
         try:
@@ -370,18 +408,46 @@ class AGRADEEditor(HypernetEditor):
                     assert total is not None
                     total.rounds.append({"accuracy_before": accuracy, "solved": False})
                     break
+                entry = {"accuracy_before": accuracy, "solved": True}
+                if guard is not None:
+                    step, ratio = largest_step_within_perplexity(
+                        guard[0].nll, guard[1], earlier, result.deltas, float(self.hparams.max_heldout_ppl_ratio),
+                        int(self.hparams.heldout_search_steps))
+                    entry.update(step=step, heldout_ppl_ratio=ratio)
+                    if step < 1.0:
+                        result.deltas = {n: d * step for n, d in result.deltas.items()}
                 if total is None:
                     total = result
                 else:
                     total.mu_shift = {n: max(total.mu_shift.get(n, 0.0), s) for n, s in result.mu_shift.items()}
-                total.rounds.append({"accuracy_before": accuracy, "solved": True})
+                total.rounds.append(entry)
                 for name, delta in result.deltas.items():
                     earlier[name] = delta if name not in earlier else earlier[name] + delta
+                if entry.get("step", 1.0) < 1.0:
+                    break
         finally:
             self.later_round = False
         assert total is not None
         total.deltas = earlier
+        self.warn_guarded(total)
         return total
+
+    def warn_guarded(self, result: EditResult) -> None:
+        """Warn when the perplexity guard scaled a round of ``result`` (RuntimeWarning; nothing is applied here)."""
+        scaled = [(i, e) for i, e in enumerate(result.rounds) if e.get("step", 1.0) < 1.0]
+        if not scaled:
+            return
+        i, e = scaled[0]
+        limit = float(self.hparams.max_heldout_ppl_ratio)
+        if i == 0 and e["step"] == 0.0:
+            warnings.warn(f"AGRADE: the perplexity guard found no step of this batch's ΔW that keeps held-out "
+                          f"perplexity within {limit:g}x the reference: the batch was NOT edited (ΔW = 0). Edit fewer "
+                          f"facts per batch (batch_size) or raise max_heldout_ppl_ratio", RuntimeWarning, stacklevel=3)
+            return
+        warnings.warn(f"AGRADE: the perplexity guard scaled round {i + 1}'s ΔW by {e['step']:.3g} to keep held-out "
+                      f"perplexity within {limit:g}x the reference (now {e['heldout_ppl_ratio']:.3f}x)"
+                      + ("; later rounds were not solved" if i + 1 < int(self.hparams.edit_rounds) else "")
+                      + ": the batch is edited less than asked", RuntimeWarning, stacklevel=3)
 
     def preserved_output_change(self, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
         """:func:`preserved_output_change` with this editor's key statistics (empty without them)."""

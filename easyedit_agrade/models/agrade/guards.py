@@ -3,7 +3,8 @@
 :class:`CountingAGRADEEditor` is the executor's :class:`~.editor.AGRADEEditor`: when editing (no grad, frozen
 network) it counts, per module, the target rows whose G the guards set to 0 (a suppressed row's G is exactly 0).
 :func:`note_suppressed` adds the counts of one chunk to the call's :class:`~easyedit_agrade.core.edit_report.EditReport`
-and warns when a module — or every module, so ΔW = 0 and the requests were not edited at all — got no signal.
+and warns when a module — or every module, so ΔW = 0 and the requests were not edited at all — got no signal;
+:func:`note_heldout` adds what the perplexity guard did.
 """
 from __future__ import annotations
 
@@ -54,3 +55,12 @@ def note_suppressed(editor: CountingAGRADEEditor, report: EditReport) -> None:
     elif silent:
         warnings.warn(f"AGRADE: the outlier guards suppressed every target row in {silent}: those modules get "
                       f"ΔW = 0 for this chunk", RuntimeWarning, stacklevel=3)
+
+
+def note_heldout(rounds: list[dict], report: EditReport) -> None:
+    """Add what the perplexity guard did for one chunk (its rounds' ``step`` / ``heldout_ppl_ratio``, see
+    :meth:`~.editor.AGRADEEditor.edit_in_rounds`) to ``report``; nothing when the guard is off."""
+    guarded = [e for e in rounds if "step" in e]
+    if guarded:
+        report.guard_steps.append([float(e["step"]) for e in guarded])
+        report.heldout_ppl_ratio = float(guarded[-1]["heldout_ppl_ratio"])
