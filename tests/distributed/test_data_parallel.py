@@ -29,7 +29,9 @@ def test_two_processes_equal_one_process_fp32(dp_result):
     err = dp_result["max_error"]
     assert err["edit"] < 1e-4, err  # ΔW of eqs 1–5
     assert err["rounds"] < 1e-4, err  # edit_rounds: the 2-round ΔW (the accuracies are 0 on this tiny model)
-    assert err["guard"] < 1e-6, err  # the perplexity guard's held-out NLL: 3 windows over 2 ranks, sums all-reduced
+    # the perplexity guard's held-out NLL: 3 windows over 2 ranks, sums all-reduced. fp32 sums in another order
+    # differ by ~1e-6 relative (CI measured 1.4e-6); a missing all-reduce is off by ~7.5e-4
+    assert err["guard"] < 1e-5, err
     assert err["grad"] < 1e-4, err  # hypernetwork gradients (body, η, λ) of eqs 6–7
     assert err["state"] < 1e-4, err  # parameters + normaliser after two Adam steps
 
