@@ -5,9 +5,11 @@ window of held-out text (:meth:`HeldOutText.nll` reuses their output for every c
 perplexity costs one pass through the upper layers and the head, with the ΔW added through
 :func:`~easyedit_agrade.core.weights.added_deltas` (weights never written).
 
-The text is *statistics* text — by default the windows of the key-statistics corpus (``wiki.valid.tokens``) that
-follow the tokens the preserved-knowledge term's C₀ was computed from — never the perplexity test text
-(``wiki.test.tokens``), so a guard chosen on it is not chosen on the evaluation.
+The text is *statistics* text — by default windows of the key-statistics corpus (``wiki.valid.tokens``) spread
+evenly over the text after the tokens the preserved-knowledge term's C₀ was computed from
+(:func:`~easyedit_agrade.core.tokenize.spread_windows`: 16 contiguous windows are one or two articles, and their
+ratio under-read a wide sample's by a quarter to a third in log space, docs/agrade.md) — never the perplexity test
+text (``wiki.test.tokens``), so a guard chosen on it is not chosen on the evaluation.
 
 :func:`largest_step_within_perplexity` is the guard's search: the largest step t ∈ [0, 1] of a candidate ΔW (on
 top of edits already accepted) whose held-out perplexity stays within a ratio of the reference — bisection, since

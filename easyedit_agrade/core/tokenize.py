@@ -162,6 +162,24 @@ def text_windows(tok, path, *, n_windows: int, window: int, skip: int = 0) -> to
     return torch.tensor(ids[skip:need], dtype=torch.long).view(n_windows, window)
 
 
+def spread_windows(tok, path, *, n_windows: int, window: int, skip: int = 0) -> torch.Tensor:
+    """``n_windows`` windows of ``window`` tokens evenly spaced over a UTF-8 text file after its first ``skip``
+    tokens, as a ``(n_windows, window)`` tensor (the whole file is tokenised, no special tokens). Window i starts at
+    slot ⌊i·S/n⌋ of the S = ⌊(tokens − skip)/window⌋ whole windows there, so the sample covers every part of the
+    text instead of one article — the held-out text of :mod:`easyedit_agrade.core.heldout`."""
+    from pathlib import Path
+
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    ids = tok(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    slots = max(len(ids) - skip, 0) // window
+    if slots < n_windows:
+        raise ValueError(f"{path}: only {slots} windows of {window} tokens after the first {skip} "
+                         f"({len(ids)} tokens), {n_windows} needed")
+    starts = [skip + (i * slots // n_windows) * window for i in range(n_windows)]
+    return torch.tensor([ids[s:s + window] for s in starts], dtype=torch.long)
+
+
 def check_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str], *, max_length: int | None) -> None:
     """Tokenise every pair on its own, as :func:`encode_prompt_target` would, so that a bad pair raises its
     ``ValueError`` with the caller's index (``record i`` = position in ``prompts``) — before any micro-batching or

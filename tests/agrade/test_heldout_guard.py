@@ -1,7 +1,7 @@
 """AGRADE's perplexity guard (``max_heldout_ppl_ratio``) on tiny models: the held-out NLL (lower layers run once,
 ΔW through hooks) equals the full model's perplexity with the ΔW written into the weights; the held-out windows
-follow the statistics' tokens; a limit never reached is bit-identical to no guard; a round over the limit is
-scaled to the largest bisection step within (the next step up is over) with a warning and no later round; a batch
+are spread over the text after the statistics' tokens; a limit never reached is bit-identical to no guard; a round
+over the limit is scaled to the largest bisection step within (the next step up is over) with a warning and no later round; a batch
 with no step within is not edited; the executor's report holds the call's ratio against the model it was given;
 bad values name the field."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from agrade_helpers import records, tiny_agrade_archive, tiny_editor
 from easyedit_agrade.core.heldout import HeldOutText, largest_step_within_perplexity
-from easyedit_agrade.core.tokenize import text_windows
+from easyedit_agrade.core.tokenize import spread_windows, text_windows
 from easyedit_agrade.core.weights import apply_deltas, restore_weights
 from easyedit_agrade.evaluate.scoring import perplexity
 from easyedit_agrade.hparams import HyperParamsError
@@ -33,12 +33,21 @@ def _batch(n=6):
     return [r.prompt for r in recs], [r.target_new for r in recs]
 
 
-def test_heldout_windows_follow_the_statistics_tokens(tok, settings):
-    both = text_windows(tok, settings["preserved_corpus"], n_windows=10, window=32)
-    after = text_windows(tok, settings["preserved_corpus"], n_windows=4, window=32, skip=192)
-    assert torch.equal(after, both[6:])
+def test_heldout_windows_are_spread_over_the_text_after_the_statistics_tokens(tok, settings):
+    path = settings["preserved_corpus"]
+    ids = tok(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+    slots = (len(ids) - 192) // 32
+    assert slots >= 16  # the corpus leaves room to spread 4 windows
+    spread = spread_windows(tok, path, n_windows=4, window=32, skip=192)
+    starts = [192 + (i * slots // 4) * 32 for i in range(4)]
+    assert starts[0] == 192 and starts[-1] > 192 + slots * 32 // 2  # from right after C₀'s tokens to the end
+    assert torch.equal(spread, torch.tensor([ids[s:s + 32] for s in starts]))
+    # the first window is the one right after the statistics' tokens, as a contiguous read would give
+    assert torch.equal(spread[0], text_windows(tok, path, n_windows=1, window=32, skip=192)[0])
     with pytest.raises(ValueError, match="after the first 192"):
-        text_windows(tok, settings["preserved_corpus"], n_windows=1000, window=32, skip=192)
+        spread_windows(tok, path, n_windows=slots + 1, window=32, skip=192)
+    both = text_windows(tok, path, n_windows=10, window=32)
+    assert torch.equal(text_windows(tok, path, n_windows=4, window=32, skip=192), both[6:])
 
 
 def _full_model_nll(model, windows):
@@ -52,7 +61,7 @@ def test_heldout_nll_is_the_full_models_nll_with_the_delta_written(tok, settings
     prompts, targets = _batch()
     ed = tiny_editor(tok, **settings)
     text, reference = ed.heldout_text()
-    windows = text_windows(tok, settings["preserved_corpus"], n_windows=4, window=32, skip=192)
+    windows = spread_windows(tok, settings["preserved_corpus"], n_windows=4, window=32, skip=192)
     assert reference == pytest.approx(_full_model_nll(ed.model, windows), rel=1e-12)
     assert reference == pytest.approx(math.log(perplexity(ed.model, windows)), rel=1e-6)  # perplexity(): fp32 CE
     deltas = {k: 300.0 * d for k, d in ed.edit_deltas(prompts, targets).deltas.items()}  # a visible change
@@ -139,7 +148,7 @@ def test_step_search_on_a_known_curve():
 
 def test_executor_reports_the_calls_ratio_against_the_model_it_was_given(tmp_path, tok, settings):
     model, hp = tiny_agrade_archive(tmp_path, tok, batch_size=3, max_heldout_ppl_ratio=1e9, **settings)
-    windows = text_windows(tok, settings["preserved_corpus"], n_windows=4, window=32, skip=192)
+    windows = spread_windows(tok, settings["preserved_corpus"], n_windows=4, window=32, skip=192)
     before = _full_model_nll(model, windows)
     recs = records(6)
     requests = [{"prompt": r.prompt, "target_new": r.target_new} for r in recs]

@@ -348,17 +348,18 @@ class AGRADEEditor(HypernetEditor):
 
     def heldout_text(self, collective: Collective | None = None) -> tuple[HeldOutText, float]:
         """(held-out text, reference NLL) of the perplexity guard: ``hparams.heldout_windows`` windows of the
-        statistics corpus after the tokens C₀ uses (:mod:`easyedit_agrade.core.heldout`), and their NLL on the model
+        statistics corpus spread evenly over the text after the tokens C₀ uses (:func:`~easyedit_agrade.core.tokenize.
+        spread_windows`, :mod:`easyedit_agrade.core.heldout`), and their NLL on the model
         as it is the first time this is called (per rank layout) — until :meth:`reset_heldout_reference`."""
         from ...core.preserved_stats import resolve_corpus
-        from ...core.tokenize import text_windows
+        from ...core.tokenize import spread_windows
 
         coll = collective or Collective()
         layout = (coll.rank, coll.world_size)
         if self._heldout is None or self._heldout[0] != layout:
             hp = self.hparams
-            windows = text_windows(self.tok, resolve_corpus(hp.preserved_corpus), n_windows=int(hp.heldout_windows),
-                                   window=int(hp.preserved_window), skip=int(hp.preserved_tokens))
+            windows = spread_windows(self.tok, resolve_corpus(hp.preserved_corpus), n_windows=int(hp.heldout_windows),
+                                     window=int(hp.preserved_window), skip=int(hp.preserved_tokens))
             text = HeldOutText.from_windows(self, windows, coll)
             self._heldout = (layout, text, text.nll())
         return self._heldout[1], self._heldout[2]
