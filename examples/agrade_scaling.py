@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", nargs="+", type=int, default=[16, 256, 1024, 2048, 4096])
     p.add_argument("--editor", action="append", default=[], metavar="NAME=ARCHIVE[;k=v...]")
     p.add_argument("--eval-cap", type=int, default=512)
-    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--ppl-windows", type=int, default=16,
+                   help="wiki.test windows for perplexity (4 = the first 1,024 tokens, one article: noisy; the tables "
+                        "before session 10 used 4)")
     p.add_argument("--ppl-window", type=int, default=256)
     p.add_argument("--generations", type=int, default=32,
                    help="edited records whose edit and paraphrase prompts are decoded greedily (generation metrics)")

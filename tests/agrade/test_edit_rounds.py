@@ -220,12 +220,13 @@ def test_streamed_rounds_equal_in_memory_rounds(tok, tmp_path):
     assert list(tmp_path.iterdir()) == []  # every round's spill folder was removed
 
 
-def test_rounds_yaml_is_the_default_with_two_rounds():
-    """hparams/AGRADE/smollm2-135m-rounds.yaml stays the shipped YAML except for the settings chosen for rounds."""
+def test_rounds_yaml_is_the_default_with_guarded_rounds():
+    """hparams/AGRADE/smollm2-135m-rounds.yaml stays the shipped YAML except for the rounds and the perplexity guard
+    that ends them."""
     from easyedit_agrade.paths import REPO_ROOT
 
     default = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m")).to_dict()
     rounds = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m-rounds")).to_dict()
-    assert {k for k in default if default[k] != rounds[k]} == {"edit_rounds", "preserved_change_budget"}
-    assert (default["edit_rounds"], rounds["edit_rounds"]) == (1, 2)
-    assert rounds["preserved_change_budget"] < default["preserved_change_budget"]
+    assert {k for k in default if default[k] != rounds[k]} == {"edit_rounds", "max_heldout_ppl_ratio"}
+    assert (default["edit_rounds"], rounds["edit_rounds"]) == (1, 6)
+    assert default["max_heldout_ppl_ratio"] is None and 1 < rounds["max_heldout_ppl_ratio"] <= 1.3
