@@ -257,6 +257,9 @@ def edit_main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out, json.dumps(_sanitize(result), indent=1, ensure_ascii=False))
     summary = result.get("summary") or {}
     parts = [f"{k} {summary[k]:.3f}" for k in ("ES", "GS", "LS", "Score") if summary.get(k) is not None]
+    ratios = [r["heldout_ppl_ratio"] for r in result.get("edit_reports", []) if r.get("heldout_ppl_ratio")]
+    if ratios:  # the perplexity guard was on (max_heldout_ppl_ratio): each call's ratio against the model it got
+        parts.append(f"held-out perplexity {max(ratios):.3f}x" + (" (largest per call)" if len(ratios) > 1 else ""))
     print(f"edited {len(records)} record(s) with {spec.name} ({result['mode']}) in {result['edit_seconds']:.1f}s"
           + (f"; {', '.join(parts)}" if parts else "") + f"; results: {out}")
     return 0
@@ -287,6 +290,7 @@ def _run(args: argparse.Namespace, spec: MethodSpec, records: Sequence[Any], cas
     pre = evaluator.score(model, records, cases) if evaluator else None
     requests = [r.to_request() for r in records]
     notes: list[str] = []
+    reports: list[dict] = []
     log = open(os.devnull, "w")
     try:
         with contextlib.redirect_stdout(log), cuda_on_cpu():
@@ -294,7 +298,7 @@ def _run(args: argparse.Namespace, spec: MethodSpec, records: Sequence[Any], cas
             editor = make_editor(hparams, model, tok, args.model)
             _quiet_easyedit()
             with method_context(spec, editor.model, editor.hparams, len(requests), notes), measure() as m:
-                edited = apply_edits(editor, requests, mode)
+                edited = apply_edits(editor, requests, mode, reports=reports)
     except Exception as exc:
         reason = diagnose(spec, hparams, exc)
         if reason:
@@ -304,7 +308,7 @@ def _run(args: argparse.Namespace, spec: MethodSpec, records: Sequence[Any], cas
         log.close()
     result: dict[str, Any] = {"method": spec.name, "alg_name": spec.alg_name, "mode": mode, "mode_reason": why,
                               "n_edits": len(records), "requests_file": Path(args.requests).name,
-                              "model": args.model, **m.as_dict(), "notes": notes,
+                              "model": args.model, **m.as_dict(), "notes": notes, "edit_reports": reports,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if evaluator is not None:
         with torch.no_grad():

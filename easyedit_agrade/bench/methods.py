@@ -251,14 +251,23 @@ def diagnose(spec: MethodSpec, hparams: Any, exc: BaseException) -> str | None:
 
 
 def apply_edits(editor: Any, requests: Sequence[dict], mode: str,
-                on_progress: Callable[[int], None] | None = None) -> Any:
+                on_progress: Callable[[int], None] | None = None, reports: list[dict] | None = None) -> Any:
     """Apply ``requests`` with the editor's ``apply_algo`` (batch: one call; sequential: one call per request,
-    weights kept). Returns the edited model (LoRA returns a new peft wrapper around the same weights)."""
+    weights kept). Returns the edited model (LoRA returns a new peft wrapper around the same weights). With a
+    ``reports`` list, each call's :class:`~easyedit_agrade.core.edit_report.EditReport` (AGRADE / InstructEdit
+    executors: ΔW ratios, suppressed rows, the perplexity guard's ratio and steps) is appended as a dict."""
+    from ..core.edit_report import last_report
+
     model = editor.model
     calls = [list(requests)] if mode == "batch" else [[r] for r in requests]
+    seen = last_report(model)
     for i, chunk in enumerate(calls):
         model, _ = editor.apply_algo(model, editor.tok, chunk, editor.hparams, copy=False,
                                      return_orig_weights=False, keep_original_weight=False)
+        report = last_report(model)
+        if reports is not None and report is not None and report is not seen:
+            reports.append(report.to_dict())
+            seen = report
         if on_progress is not None:
             on_progress(i + 1)
     return model

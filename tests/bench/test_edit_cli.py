@@ -71,6 +71,28 @@ def test_edit_knowedit_jsonl_with_ft(tmp_path, easyeditor_module, embedded_model
     assert res["summary"]["ES"] is not None
 
 
+def test_edit_with_agrade_rounds_yaml_reports_the_perplexity_guard(tmp_path, capsys, easyeditor_module,
+                                                                    embedded_model_dir):
+    """`edit` with the guarded-rounds YAML writes the executor's report — the guard's held-out perplexity ratio and
+    each round's step — into the results and names the ratio in its summary line."""
+    from easyedit_agrade.bench.methods import HPARAMS_DIR
+
+    src = _requests(tmp_path)
+    hp = tmp_path / "agrade.yaml"  # the shipped rounds YAML on fewer statistics and held-out tokens (a short test)
+    text = (HPARAMS_DIR / "AGRADE" / "smollm2-135m-rounds.yaml").read_text()
+    text = re.sub(r"preserved_tokens: \d+", "preserved_tokens: 2048", text)
+    hp.write_text(re.sub(r"heldout_windows: \d+", "heldout_windows: 2", text))
+    out = tmp_path / "res.json"
+    assert edit_main([str(src), "--hparams", str(hp), "--out", str(out), "--no-eval"]) == 0
+    res = json.loads(out.read_text())
+    (report,) = res["edit_reports"]
+    assert report["alg_name"] == "AGRADE" and report["n_requests"] == 1 and report["chunks"] == 1
+    (steps,) = report["guard_steps"]
+    assert steps and all(0.0 <= t <= 1.0 for t in steps)
+    assert 0.5 < report["heldout_ppl_ratio"] <= 1.25 + 1e-9  # never above the YAML's limit
+    assert f"held-out perplexity {report['heldout_ppl_ratio']:.3f}x" in capsys.readouterr().out
+
+
 # --- nothing the command did not create is deleted or overwritten; bad input is one line, exit 2 ---------------
 
 def _requests(tmp_path, name="requests.json"):
