@@ -230,3 +230,45 @@ def test_rounds_yaml_is_the_default_with_guarded_rounds():
     assert {k for k in default if default[k] != rounds[k]} == {"edit_rounds", "max_heldout_ppl_ratio"}
     assert (default["edit_rounds"], rounds["edit_rounds"]) == (1, 6)
     assert default["max_heldout_ppl_ratio"] is None and 1 < rounds["max_heldout_ppl_ratio"] <= 1.3
+
+
+def _scripted_accuracy(ed, accuracies):
+    """The editor's cache passes report these accuracies in turn (the real H and ∇G are cached and solved)."""
+    real, seq = ed.cache, iter(accuracies)
+
+    def cache(*args, **kwargs):
+        c = real(*args, **kwargs)
+        c.n_correct = round(next(seq) * c.n_targets)
+        return c
+
+    ed.cache = cache
+
+
+def test_a_later_round_that_lowers_accuracy_is_undone_and_ends_the_rounds(tok):
+    prompts, targets = _batch()
+    ed = tiny_editor(tok, edit_rounds=4, rounds_stop_accuracy=None)
+    n_targets = ed.cache(ed.encode(prompts, targets), keep_hidden=False).n_targets
+    acc = [k / n_targets for k in (1, 5, 3, 9)]  # round 2 made it worse (5 -> 3 correct)
+    _scripted_accuracy(ed, acc)
+    undone = ed.edit_deltas(prompts, targets)
+    assert [(r["solved"], r.get("undone", False)) for r in undone.rounds] == [(True, False), (True, True),
+                                                                               (False, False)]
+    assert [r["accuracy_before"] for r in undone.rounds] == pytest.approx(acc[:3])
+    one = tiny_editor(tok).edit_deltas(prompts, targets)  # the same model and network, one round
+    assert all(torch.equal(undone.deltas[k], one.deltas[k]) for k in one.deltas)  # round 2's ΔW is gone, bit for bit
+
+    ed = tiny_editor(tok, edit_rounds=4, rounds_stop_accuracy=None)
+    _scripted_accuracy(ed, [k / n_targets for k in (1, 5, 6, 9)])  # rising: all four rounds kept
+    kept = ed.edit_deltas(prompts, targets)
+    assert [r["solved"] for r in kept.rounds] == [True] * 4 and not any(r.get("undone") for r in kept.rounds)
+    plain = tiny_editor(tok, edit_rounds=4, rounds_stop_accuracy=None).edit_deltas(prompts, targets)
+    assert all(torch.equal(kept.deltas[k], plain.deltas[k]) for k in plain.deltas)  # the scripted pass changes nothing else
+
+
+def test_round_one_is_kept_even_when_the_next_pass_is_worse(tok):
+    prompts, targets = _batch()
+    ed = tiny_editor(tok, edit_rounds=3, rounds_stop_accuracy=None)
+    n_targets = ed.cache(ed.encode(prompts, targets), keep_hidden=False).n_targets
+    _scripted_accuracy(ed, [k / n_targets for k in (4, 2, 3)])
+    result = ed.edit_deltas(prompts, targets)
+    assert [r["solved"] for r in result.rounds] == [True, True, True]

@@ -370,15 +370,19 @@ class AGRADEEditor(HypernetEditor):
 
     def _edit_round(self, mbs: Sequence[MicroBatch], collective: Collective | None,
                     earlier: dict[str, torch.Tensor] | None = None,
-                    stop_accuracy: float | None = None) -> tuple[EditResult | None, float]:
+                    stop_accuracy: float | None = None,
+                    min_accuracy: float | None = None) -> tuple[EditResult | None, float]:
         """One cache pass + solve on the model as it is → (result, the edit prompts' target-token accuracy before
-        the round); result None (nothing solved) when that accuracy is already ``stop_accuracy`` or more."""
+        the round); result None (nothing solved) when that accuracy is already ``stop_accuracy`` or more, or below
+        ``min_accuracy``."""
         cache = self.cache(mbs, keep_hidden=False)
         try:
             counts = torch.tensor([float(cache.n_correct), float(cache.n_targets)], dtype=torch.float64)
             (collective or Collective()).all_reduce_(counts)
             accuracy = float(counts[0] / counts[1].clamp_min(1.0))
             if stop_accuracy is not None and accuracy >= stop_accuracy:
+                return None, accuracy
+            if min_accuracy is not None and accuracy < min_accuracy:
                 return None, accuracy
             return self.compute(cache, collective, keep_modules=False, earlier=earlier), accuracy
         finally:
@@ -394,19 +398,27 @@ class AGRADEEditor(HypernetEditor):
         (round 1 always is). The result holds the summed ΔW; ``mu_shift`` is the largest shift of any round,
         ``cache_loss`` / ``n_tokens`` are round 1's. With the perplexity guard (:meth:`heldout_guard_on`, also
         for ``rounds`` = 1) each round's ΔW is scaled by the largest step keeping the held-out perplexity within
-        ``max_heldout_ppl_ratio`` × the reference, and a scaled round is the last (:meth:`warn_guarded` says so)."""
+        ``max_heldout_ppl_ratio`` × the reference, and a scaled round is the last (:meth:`warn_guarded` says so).
+        A later round (2, 3, …) after which the next cache pass finds a *lower* accuracy than before it is undone
+        (its entry gets ``undone``) and ends the rounds: the residual solve made the edit worse. Round 1 is always
+        kept, and the last round is not checked (no pass follows it)."""
         stop = getattr(self.hparams, "rounds_stop_accuracy", None)
         guard = self.heldout_text(collective) if self.heldout_guard_on() else None
         earlier: dict[str, torch.Tensor] = {}  # the summed ΔW of the rounds so far
+        before_last: dict[str, torch.Tensor] = {}  # the sum before the last solved round
         total: EditResult | None = None
         try:
             for r in range(rounds):
                 self.later_round = r > 0
+                floor = total.rounds[-1]["accuracy_before"] if r > 1 else None  # accuracy before round r - 1
                 with added_deltas(self.model, earlier) if r else contextlib.nullcontext():
                     result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
-                                                        stop if r else None)
+                                                        stop if r else None, floor)
                 if result is None:
                     assert total is not None
+                    if floor is not None and accuracy < floor and not (stop is not None and accuracy >= stop):
+                        total.rounds[-1]["undone"] = True
+                        earlier = before_last
                     total.rounds.append({"accuracy_before": accuracy, "solved": False})
                     break
                 entry = {"accuracy_before": accuracy, "solved": True}
@@ -422,6 +434,7 @@ class AGRADEEditor(HypernetEditor):
                 else:
                     total.mu_shift = {n: max(total.mu_shift.get(n, 0.0), s) for n, s in result.mu_shift.items()}
                 total.rounds.append(entry)
+                before_last = dict(earlier)
                 for name, delta in result.deltas.items():
                     earlier[name] = delta if name not in earlier else earlier[name] + delta
                 if entry.get("step", 1.0) < 1.0:
