@@ -86,6 +86,8 @@ def test_cache_pass_counts_the_models_own_target_accuracy(tok):
     try:
         boosted = ed.cache(ed.encode(prompts, targets), keep_hidden=False)
         assert (boosted.n_correct, boosted.n_targets) == _manual_accuracy(ed, prompts, targets)
+        forward_only = ed.target_accuracy(ed.encode(prompts, targets))  # the check after a last round
+        assert forward_only == boosted.n_correct / boosted.n_targets
     finally:
         handle.remove()
     assert boosted.n_correct > cache.n_correct
@@ -232,8 +234,9 @@ def test_rounds_yaml_is_the_default_with_guarded_rounds():
     assert default["max_heldout_ppl_ratio"] is None and 1 < rounds["max_heldout_ppl_ratio"] <= 1.3
 
 
-def _scripted_accuracy(ed, accuracies):
-    """The editor's cache passes report these accuracies in turn (the real H and ∇G are cached and solved)."""
+def _scripted_accuracy(ed, accuracies, after_last=None):
+    """The editor's cache passes report these accuracies in turn (the real H and ∇G are cached and solved), and
+    the forward-only check after a last round reports ``after_last``."""
     real, seq = ed.cache, iter(accuracies)
 
     def cache(*args, **kwargs):
@@ -242,6 +245,8 @@ def _scripted_accuracy(ed, accuracies):
         return c
 
     ed.cache = cache
+    if after_last is not None:
+        ed.target_accuracy = lambda *args, **kwargs: after_last
 
 
 def test_a_later_round_that_lowers_accuracy_is_undone_and_ends_the_rounds(tok):
@@ -258,17 +263,32 @@ def test_a_later_round_that_lowers_accuracy_is_undone_and_ends_the_rounds(tok):
     assert all(torch.equal(undone.deltas[k], one.deltas[k]) for k in one.deltas)  # round 2's ΔW is gone, bit for bit
 
     ed = tiny_editor(tok, edit_rounds=4, rounds_stop_accuracy=None)
-    _scripted_accuracy(ed, [k / n_targets for k in (1, 5, 6, 9)])  # rising: all four rounds kept
+    _scripted_accuracy(ed, [k / n_targets for k in (1, 5, 6, 9)], after_last=10 / n_targets)  # rising: all kept
     kept = ed.edit_deltas(prompts, targets)
     assert [r["solved"] for r in kept.rounds] == [True] * 4 and not any(r.get("undone") for r in kept.rounds)
+    assert kept.rounds[-1]["accuracy_after"] == 10 / n_targets
     plain = tiny_editor(tok, edit_rounds=4, rounds_stop_accuracy=None).edit_deltas(prompts, targets)
     assert all(torch.equal(kept.deltas[k], plain.deltas[k]) for k in plain.deltas)  # the scripted pass changes nothing else
+
+
+def test_a_last_round_that_lowers_accuracy_is_undone_by_a_forward_pass(tok):
+    prompts, targets = _batch()
+    ed = tiny_editor(tok, edit_rounds=3, rounds_stop_accuracy=None)
+    n_targets = ed.cache(ed.encode(prompts, targets), keep_hidden=False).n_targets
+    _scripted_accuracy(ed, [k / n_targets for k in (1, 5, 6)], after_last=4 / n_targets)  # round 3: 6 -> 4
+    result = ed.edit_deltas(prompts, targets)
+    assert [(r["solved"], r.get("undone", False)) for r in result.rounds] == [(True, False), (True, False),
+                                                                               (True, True)]
+    two = tiny_editor(tok, edit_rounds=2, rounds_stop_accuracy=None)
+    _scripted_accuracy(two, [k / n_targets for k in (1, 5)], after_last=6 / n_targets)
+    kept_two = two.edit_deltas(prompts, targets)
+    assert all(torch.equal(result.deltas[k], kept_two.deltas[k]) for k in kept_two.deltas)
 
 
 def test_round_one_is_kept_even_when_the_next_pass_is_worse(tok):
     prompts, targets = _batch()
     ed = tiny_editor(tok, edit_rounds=3, rounds_stop_accuracy=None)
     n_targets = ed.cache(ed.encode(prompts, targets), keep_hidden=False).n_targets
-    _scripted_accuracy(ed, [k / n_targets for k in (4, 2, 3)])
+    _scripted_accuracy(ed, [k / n_targets for k in (4, 2, 3)], after_last=3 / n_targets)
     result = ed.edit_deltas(prompts, targets)
-    assert [r["solved"] for r in result.rounds] == [True, True, True]
+    assert [r["solved"] for r in result.rounds] == [True, True, True] and not any(r.get("undone") for r in result.rounds)

@@ -388,6 +388,20 @@ class AGRADEEditor(HypernetEditor):
         finally:
             cache.close()
 
+    @torch.no_grad()
+    def target_accuracy(self, mbs: Sequence[MicroBatch], collective: Collective | None = None) -> float:
+        """The edit prompts' target-token (argmax) accuracy on the model as it computes now — ΔW hooks included —
+        over every rank's micro-batches: what a cache pass measures, forward only."""
+        counts = torch.zeros(2, dtype=torch.float64)
+        for mb in mbs:
+            ids, att, pmask, labels = mb.as_tuple()
+            logits = self.stack.upper(self.lower_one(mb), ids, att, pmask)
+            wanted = labels[pmask]
+            counts[0] += int((logits.argmax(-1) == wanted).sum())
+            counts[1] += int(wanted.numel())
+        (collective or Collective()).all_reduce_(counts)
+        return float(counts[0] / counts[1].clamp_min(1.0))
+
     def edit_in_rounds(self, mbs: Sequence[MicroBatch], rounds: int,
                        collective: Collective | None = None) -> EditResult:
         """``hparams.edit_rounds`` solves for one batch: round 1 is the one-shot edit; round r > 1 caches H and ∇G
@@ -399,9 +413,10 @@ class AGRADEEditor(HypernetEditor):
         ``cache_loss`` / ``n_tokens`` are round 1's. With the perplexity guard (:meth:`heldout_guard_on`, also
         for ``rounds`` = 1) each round's ΔW is scaled by the largest step keeping the held-out perplexity within
         ``max_heldout_ppl_ratio`` × the reference, and a scaled round is the last (:meth:`warn_guarded` says so).
-        A later round (2, 3, …) after which the next cache pass finds a *lower* accuracy than before it is undone
-        (its entry gets ``undone``) and ends the rounds: the residual solve made the edit worse. Round 1 is always
-        kept, and the last round is not checked (no pass follows it)."""
+        A later round (2, 3, …) after which the edit prompts' accuracy is *lower* than before it is undone (its
+        entry gets ``undone``) and ends the rounds: the residual solve made the edit worse. The next round's cache
+        pass measures that accuracy; when no pass follows (the last round, or one the guard scaled) a forward-only
+        pass (:meth:`target_accuracy`) does. Round 1 is always kept."""
         stop = getattr(self.hparams, "rounds_stop_accuracy", None)
         guard = self.heldout_text(collective) if self.heldout_guard_on() else None
         earlier: dict[str, torch.Tensor] = {}  # the summed ΔW of the rounds so far
@@ -439,6 +454,13 @@ class AGRADEEditor(HypernetEditor):
                     earlier[name] = delta if name not in earlier else earlier[name] + delta
                 if entry.get("step", 1.0) < 1.0:
                     break
+            last = total.rounds[-1] if total is not None else None
+            if last is not None and last["solved"] and len(total.rounds) > 1:  # no pass followed the last round
+                with added_deltas(self.model, earlier):
+                    last["accuracy_after"] = self.target_accuracy(mbs, collective)
+                if last["accuracy_after"] < last["accuracy_before"]:
+                    last["undone"] = True
+                    earlier = before_last
         finally:
             self.later_round = False
         assert total is not None
