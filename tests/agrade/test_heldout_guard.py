@@ -178,3 +178,16 @@ def test_the_guard_is_off_while_training(tok, settings):
     assert ed.heldout_guard_on()
     ed.nets.train()
     assert not ed.heldout_guard_on()
+
+
+def test_report_counts_an_undone_round_as_step_zero_and_keeps_the_last_kept_ratio():
+    from easyedit_agrade.core.edit_report import EditReport
+    from easyedit_agrade.models.agrade.guards import note_heldout
+
+    report = EditReport("AGRADE")
+    note_heldout([{"solved": True, "step": 1.0, "heldout_ppl_ratio": 1.1},
+                  {"solved": True, "step": 0.5, "heldout_ppl_ratio": 1.25, "undone": True}], report)
+    assert report.guard_steps == [[1.0, 0.0]] and report.heldout_ppl_ratio == 1.1
+    note_heldout([{"solved": True, "step": 1.0, "heldout_ppl_ratio": 1.05}, {"solved": False}], report)
+    assert report.guard_steps == [[1.0, 0.0], [1.0]] and report.heldout_ppl_ratio == 1.05
+

@@ -469,8 +469,9 @@ class AGRADEEditor(HypernetEditor):
         return total
 
     def warn_guarded(self, result: EditResult) -> None:
-        """Warn when the perplexity guard scaled a round of ``result`` (RuntimeWarning; nothing is applied here)."""
-        scaled = [(i, e) for i, e in enumerate(result.rounds) if e.get("step", 1.0) < 1.0]
+        """Warn when the perplexity guard scaled a round of ``result`` that was kept (RuntimeWarning; nothing is
+        applied here; a scaled round that was then undone for lowering accuracy is not warned about)."""
+        scaled = [(i, e) for i, e in enumerate(result.rounds) if e.get("step", 1.0) < 1.0 and not e.get("undone")]
         if not scaled:
             return
         i, e = scaled[0]

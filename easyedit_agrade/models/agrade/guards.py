@@ -59,8 +59,10 @@ def note_suppressed(editor: CountingAGRADEEditor, report: EditReport) -> None:
 
 def note_heldout(rounds: list[dict], report: EditReport) -> None:
     """Add what the perplexity guard did for one chunk (its rounds' ``step`` / ``heldout_ppl_ratio``, see
-    :meth:`~.editor.AGRADEEditor.edit_in_rounds`) to ``report``; nothing when the guard is off."""
+    :meth:`~.editor.AGRADEEditor.edit_in_rounds`) to ``report``; nothing when the guard is off. An undone round
+    counts as step 0 and its ratio is not the chunk's: the ratio is the last kept round's."""
     guarded = [e for e in rounds if "step" in e]
     if guarded:
-        report.guard_steps.append([float(e["step"]) for e in guarded])
-        report.heldout_ppl_ratio = float(guarded[-1]["heldout_ppl_ratio"])
+        report.guard_steps.append([0.0 if e.get("undone") else float(e["step"]) for e in guarded])
+        kept = [e for e in guarded if not e.get("undone")]  # round 1 is never undone
+        report.heldout_ppl_ratio = float(kept[-1]["heldout_ppl_ratio"])
