@@ -377,9 +377,7 @@ class AGRADEEditor(HypernetEditor):
         ``min_accuracy``."""
         cache = self.cache(mbs, keep_hidden=False)
         try:
-            counts = torch.tensor([float(cache.n_correct), float(cache.n_targets)], dtype=torch.float64)
-            (collective or Collective()).all_reduce_(counts)
-            accuracy = float(counts[0] / counts[1].clamp_min(1.0))
+            accuracy = _reduced_accuracy(cache.n_correct, cache.n_targets, collective)
             if stop_accuracy is not None and accuracy >= stop_accuracy:
                 return None, accuracy
             if min_accuracy is not None and accuracy < min_accuracy:
@@ -392,15 +390,14 @@ class AGRADEEditor(HypernetEditor):
     def target_accuracy(self, mbs: Sequence[MicroBatch], collective: Collective | None = None) -> float:
         """The edit prompts' target-token (argmax) accuracy on the model as it computes now — ΔW hooks included —
         over every rank's micro-batches: what a cache pass measures, forward only."""
-        counts = torch.zeros(2, dtype=torch.float64)
+        correct = total = 0
         for mb in mbs:
             ids, att, pmask, labels = mb.as_tuple()
             logits = self.stack.upper(self.lower_one(mb), ids, att, pmask)
             wanted = labels[pmask]
-            counts[0] += int((logits.argmax(-1) == wanted).sum())
-            counts[1] += int(wanted.numel())
-        (collective or Collective()).all_reduce_(counts)
-        return float(counts[0] / counts[1].clamp_min(1.0))
+            correct += int((logits.argmax(-1) == wanted).sum())
+            total += int(wanted.numel())
+        return _reduced_accuracy(correct, total, collective)
 
     def edit_in_rounds(self, mbs: Sequence[MicroBatch], rounds: int,
                        collective: Collective | None = None) -> EditResult:
@@ -425,15 +422,13 @@ class AGRADEEditor(HypernetEditor):
         try:
             for r in range(rounds):
                 self.later_round = r > 0
-                floor = total.rounds[-1]["accuracy_before"] if r > 1 else None  # accuracy before round r - 1
+                # a third or later pass also ends the rounds when the last (later) round lowered the accuracy
+                floor = total.rounds[-1]["accuracy_before"] if r > 1 else None
                 with added_deltas(self.model, earlier) if r else contextlib.nullcontext():
                     result, accuracy = self._edit_round(mbs, collective, earlier if r else None,
                                                         stop if r else None, floor)
                 if result is None:
                     assert total is not None
-                    if floor is not None and accuracy < floor and not (stop is not None and accuracy >= stop):
-                        total.rounds[-1]["undone"] = True
-                        earlier = before_last
                     total.rounds.append({"accuracy_before": accuracy, "solved": False})
                     break
                 entry = {"accuracy_before": accuracy, "solved": True}
@@ -454,16 +449,21 @@ class AGRADEEditor(HypernetEditor):
                     earlier[name] = delta if name not in earlier else earlier[name] + delta
                 if entry.get("step", 1.0) < 1.0:
                     break
-            last = total.rounds[-1] if total is not None else None
-            if last is not None and last["solved"] and len(total.rounds) > 1:  # no pass followed the last round
-                with added_deltas(self.model, earlier):
-                    last["accuracy_after"] = self.target_accuracy(mbs, collective)
-                if last["accuracy_after"] < last["accuracy_before"]:
+            assert total is not None
+            solved = [e for e in total.rounds if e["solved"]]
+            if len(solved) > 1:  # the last solved round is a later one: did it lower the accuracy?
+                last = solved[-1]
+                if total.rounds[-1] is last:  # no cache pass followed it: measure, forward only
+                    with added_deltas(self.model, earlier):
+                        last["accuracy_after"] = self.target_accuracy(mbs, collective)
+                    after = last["accuracy_after"]
+                else:
+                    after = total.rounds[-1]["accuracy_before"]
+                if after < last["accuracy_before"]:
                     last["undone"] = True
                     earlier = before_last
         finally:
             self.later_round = False
-        assert total is not None
         total.deltas = earlier
         self.warn_guarded(total)
         return total
@@ -542,6 +542,13 @@ def preserved_output_change(model: nn.Module, second_moments: dict[str, torch.Te
     return {name: output_energy(second_moments[name], delta)
             / output_energy(second_moments[name], editor_layout_weight(model, name))
             for name, delta in deltas.items() if name in second_moments}
+
+
+def _reduced_accuracy(correct: int, total: int, collective: Collective | None) -> float:
+    """correct / total summed over ranks (1 process: as given; 0 targets: 0)."""
+    counts = torch.tensor([float(correct), float(total)], dtype=torch.float64)
+    (collective or Collective()).all_reduce_(counts)
+    return float(counts[0] / counts[1].clamp_min(1.0))
 
 
 _PRESERVED_KEYS: dict[tuple, tuple] = {}
