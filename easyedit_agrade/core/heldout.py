@@ -17,14 +17,26 @@ perplexity is measured, not modelled.
 
 Data-parallel: each rank scores its shard of the windows and the NLL sums and token counts are all-reduced, so
 every rank takes the same decisions.
+
+:data:`HELDOUT_STORE` keeps, per model object, what a later executor call can reuse: the tokenised windows, the
+lower layers' output for them and the reference NLL. Reuse is decided by content, never by object identity alone:
+a SHA-256 of the lower layers' parameters and buffers (and of the whole model for the reference) plus the forward
+hooks registered on the model — so a weight written through ``.data`` (which bumps no version counter), a hook
+added or removed, or another tokenizer always measures again. Sequential editing writes the edited upper layers
+only, so the lower pass is reused and the reference is measured again; edit → evaluate → restore reuses both.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from .weights import added_deltas
 
@@ -70,6 +82,137 @@ class HeldOutText:
         if totals[1] <= 0:
             raise ValueError("no held-out tokens to score")
         return float(totals[0] / totals[1])
+
+
+def _tensor_sha256(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}\0{tuple(t.shape)}\0".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def state_digests(model: nn.Module, upper_prefixes: tuple[str, ...]) -> tuple[str, str]:
+    """(lower, full): SHA-256 over the named parameters and buffers of ``model`` outside ``upper_prefixes``
+    (:func:`upper_prefixes`) and over all of them, each with
+    the names and keys of the forward (pre-)hooks registered on those modules and globally. Tied tensors count
+    once (``named_parameters`` drops duplicates)."""
+    lower, full = hashlib.sha256(), hashlib.sha256()
+    named = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in sorted(named, key=lambda item: item[0]):
+        part = hashlib.sha256(name.encode() + b"\0")
+        _tensor_sha256(part, t)
+        digest = part.digest()
+        full.update(digest)
+        if not name.startswith(upper_prefixes):
+            lower.update(digest)
+    for name, module in model.named_modules():
+        hooks = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
+        if any(hooks):
+            line = f"{name}\0{hooks}\0".encode()
+            full.update(line)
+            if not (name + ".").startswith(upper_prefixes):
+                lower.update(line)
+    from torch.nn.modules import module as _module_mod
+
+    globals_ = f"{tuple(_module_mod._global_forward_pre_hooks)}{tuple(_module_mod._global_forward_hooks)}".encode()
+    lower.update(globals_)
+    full.update(globals_)
+    return lower.hexdigest(), full.hexdigest()
+
+
+def upper_prefixes(stack) -> tuple[str, ...]:
+    """Name prefixes of the decoder layers at or above ``stack``'s first edited layer: what an edit changes and
+    the lower pass never reads. Everything else (embeddings, lower layers, final norm, head) counts as lower —
+    conservative: a change there always measures again."""
+    return tuple(f"{stack.layers_path}.{i}." for i in range(stack.first, len(stack.layers)))
+
+
+class HeldOutStore:
+    """Per model object (weakly held; at most ``max_entries``): the perplexity guard's windows, lower-layer
+    outputs and reference NLL, reused across editors while the model's content (:func:`state_digests`) is
+    unchanged. Thread-safe; data-parallel ranks agree on every reuse (one all-reduce of a miss flag)."""
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        self._windows: OrderedDict[tuple, tuple[Any, torch.Tensor]] = OrderedDict()
+        self._texts: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        #: counters for tests and reports: lower passes run / reused, references measured / reused
+        self.stats = {"lower_runs": 0, "lower_reused": 0, "reference_runs": 0, "reference_reused": 0}
+
+    def clear(self) -> None:
+        """Forget everything kept and zero the counters."""
+        with self._lock:
+            self._windows.clear()
+            self._texts.clear()
+            self.stats = dict.fromkeys(self.stats, 0)
+
+    def _put(self, table: OrderedDict, key: tuple, value) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+
+    def windows(self, tok, path, *, n_windows: int, window: int, skip: int) -> torch.Tensor:
+        """:func:`~easyedit_agrade.core.tokenize.spread_windows`, tokenised once per tokenizer object, file
+        version (path, inode, size, mtime) and layout."""
+        from .archive_cache import file_identity
+        from .tokenize import spread_windows
+
+        key = (id(tok), len(tok), file_identity(path), int(n_windows), int(window), int(skip))
+        with self._lock:
+            hit = self._windows.get(key)
+            if hit is not None and hit[0]() is tok:
+                self._windows.move_to_end(key)
+                return hit[1]
+        ids = spread_windows(tok, path, n_windows=n_windows, window=window, skip=skip)
+        with self._lock:
+            self._put(self._windows, key, (weakref.ref(tok), ids))
+        return ids
+
+    def text_and_reference(self, editor, windows: torch.Tensor, collective=None,
+                           micro_batch: int = 4) -> tuple[HeldOutText, float]:
+        """(this rank's :class:`HeldOutText` on ``editor``'s model, reference NLL of the model as it is now),
+        the lower pass and the reference reused when the model's content equals that of an earlier call (never with
+        a low-precision lower copy, ``editor.lower_stack``)."""
+        if getattr(editor, "lower_stack", None) is not None:  # a separate low-precision copy: nothing kept
+            text = HeldOutText.from_windows(editor, windows, collective, micro_batch=micro_batch)
+            return text, text.nll()
+        model = editor.stack.model
+        rank, world = (collective.rank, collective.world_size) if collective is not None else (0, 1)
+        key = (id(model), hashlib.sha256(windows.numpy().tobytes()).hexdigest(), tuple(editor.stack.module_names),
+               rank, world, int(micro_batch), str(editor.device))
+        lower_digest, full_digest = state_digests(model, upper_prefixes(editor.stack))
+        with self._lock:
+            entry = self._texts.get(key)
+            if entry is not None and entry["model"]() is not model:
+                entry = None
+        lower_ok = entry is not None and entry["lower"] == lower_digest
+        ref_ok = lower_ok and entry["full"] == full_digest
+        if collective is not None and collective.is_distributed:  # every rank reuses, or none does
+            misses = torch.tensor([float(not lower_ok), float(not ref_ok)], dtype=torch.float64)
+            collective.all_reduce_(misses)
+            lower_ok, ref_ok = bool(misses[0] == 0), bool(misses[1] == 0)
+        if lower_ok:
+            text = HeldOutText(editor.stack, entry["batches"], collective)
+            self.stats["lower_reused"] += 1
+        else:
+            text = HeldOutText.from_windows(editor, windows, collective, micro_batch=micro_batch)
+            self.stats["lower_runs"] += 1
+        if ref_ok:
+            reference = entry["reference"]
+            self.stats["reference_reused"] += 1
+        else:
+            reference = text.nll()
+            self.stats["reference_runs"] += 1
+        with self._lock:
+            self._put(self._texts, key, {"model": weakref.ref(model), "lower": lower_digest, "full": full_digest,
+                                         "batches": text.batches, "reference": reference})
+        return text, reference
+
+
+#: the process-wide store the AGRADE editor's perplexity guard uses
+HELDOUT_STORE = HeldOutStore()
 
 
 class _Windows:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...core.cache import KeyGradCache, LayerStack
 from ...core.editor_base import HypernetEditor, MicroBatch, encode_micro_batches  # noqa: F401 (re-exported)
-from ...core.heldout import HeldOutText, largest_step_within_perplexity
+from ...core.heldout import HELDOUT_STORE, HeldOutText, largest_step_within_perplexity
 from ...core.hypernet import EditorNetworks
 from ...core.weights import added_deltas
 from ...distributed.collective import Collective
@@ -350,18 +350,20 @@ class AGRADEEditor(HypernetEditor):
         """(held-out text, reference NLL) of the perplexity guard: ``hparams.heldout_windows`` windows of the
         statistics corpus spread evenly over the text after the tokens C₀ uses (:func:`~easyedit_agrade.core.tokenize.
         spread_windows`, :mod:`easyedit_agrade.core.heldout`), and their NLL on the model
-        as it is the first time this is called (per rank layout) — until :meth:`reset_heldout_reference`."""
+        as it is the first time this is called (per rank layout) — until :meth:`reset_heldout_reference`. The
+        windows, their lower-layer pass and the reference come from :data:`~easyedit_agrade.core.heldout.
+        HELDOUT_STORE` when an earlier editor measured them on a model with the same content."""
         from ...core.preserved_stats import resolve_corpus
-        from ...core.tokenize import spread_windows
 
         coll = collective or Collective()
         layout = (coll.rank, coll.world_size)
         if self._heldout is None or self._heldout[0] != layout:
             hp = self.hparams
-            windows = spread_windows(self.tok, resolve_corpus(hp.preserved_corpus), n_windows=int(hp.heldout_windows),
-                                     window=int(hp.preserved_window), skip=int(hp.preserved_tokens))
-            text = HeldOutText.from_windows(self, windows, coll)
-            self._heldout = (layout, text, text.nll())
+            windows = HELDOUT_STORE.windows(self.tok, resolve_corpus(hp.preserved_corpus),
+                                            n_windows=int(hp.heldout_windows), window=int(hp.preserved_window),
+                                            skip=int(hp.preserved_tokens))
+            text, reference = HELDOUT_STORE.text_and_reference(self, windows, coll)
+            self._heldout = (layout, text, reference)
         return self._heldout[1], self._heldout[2]
 
     def reset_heldout_reference(self) -> None:
