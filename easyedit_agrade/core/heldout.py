@@ -38,6 +38,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from torch.nn.modules import module as _module_mod
+
+from .checkpoint import tensor_digest
 from .weights import added_deltas
 
 
@@ -84,13 +87,6 @@ class HeldOutText:
         return float(totals[0] / totals[1])
 
 
-def _tensor_sha256(h, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{t.dtype}\0{tuple(t.shape)}\0".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def state_digests(model: nn.Module, upper_prefixes: tuple[str, ...]) -> tuple[str, str]:
     """(lower, full): SHA-256 over the named parameters and buffers of ``model`` outside ``upper_prefixes``
     (:func:`upper_prefixes`) and over all of them, each with
@@ -99,9 +95,7 @@ def state_digests(model: nn.Module, upper_prefixes: tuple[str, ...]) -> tuple[st
     lower, full = hashlib.sha256(), hashlib.sha256()
     named = [*model.named_parameters(), *model.named_buffers()]
     for name, t in sorted(named, key=lambda item: item[0]):
-        part = hashlib.sha256(name.encode() + b"\0")
-        _tensor_sha256(part, t)
-        digest = part.digest()
+        digest = tensor_digest({name: t}).encode()
         full.update(digest)
         if not name.startswith(upper_prefixes):
             lower.update(digest)
@@ -112,8 +106,6 @@ def state_digests(model: nn.Module, upper_prefixes: tuple[str, ...]) -> tuple[st
             full.update(line)
             if not (name + ".").startswith(upper_prefixes):
                 lower.update(line)
-    from torch.nn.modules import module as _module_mod
-
     globals_ = f"{tuple(_module_mod._global_forward_pre_hooks)}{tuple(_module_mod._global_forward_hooks)}".encode()
     lower.update(globals_)
     full.update(globals_)
