@@ -68,11 +68,14 @@ def read_set(name: str, n: int):
     return recs, portability
 
 
-def generation_checks(model, tok, recs, args) -> dict:
+def generation_checks(model, tok, recs, args) -> dict | None:
     """Greedy generation from the first ``--generations`` edit and paraphrase prompts (evaluate/generation.py):
-    exact / prefix match of the new target, n-gram entropy, repetition, degenerate share, a few texts."""
+    exact / prefix match of the new target, n-gram entropy, repetition, degenerate share, a few texts.
+    ``--generations 0`` turns them off (None)."""
     from easyedit_agrade.evaluate.generation import generation_metrics
 
+    if args.generations <= 0:
+        return None
     chosen = recs[:args.generations]
     probes = {"rewrite": [(r.prompt, r.target_new) for r in chosen],
               "rephrase": [(r.rephrase_prompt, r.target_new) for r in chosen if r.rephrase_prompt]}
@@ -197,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
                 row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 results["rows"].append(row)
+                gen = row["generation"]
+                gen_text = (f" | gen ES {gen['rewrite']['prefix']:.3f} {gen['examples']['rewrite'][0]['generation']!r}"
+                            if gen else "")
                 print(f"[{set_name} N={n}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
                       f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
-                      f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s | gen ES {row['generation']['rewrite']['prefix']:.3f} "
-                      f"{row['generation']['examples']['rewrite'][0]['generation']!r}", flush=True)
+                      f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s{gen_text}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     table = markdown(results)

@@ -167,6 +167,9 @@ SHIPPED_DIGESTS = {
     "agrade-smollm2-135m-instruct.safetensors": "67633bd1659962c8e98aabce5b698d0cf2490d79c30f2f55cc4d64655ac0cc40",
     "instructedit-smollm2-135m.safetensors": "528ccd45e606c70d61cd89adabdeed4118be2887ba575f0a0f7987027a8c4bad",
     "malmen-smollm2-135m-instruct.safetensors": "681832bccb88cb89dbf6690a054ea5e527741c170c4ef134f7ad2aad45e29a91",
+    # the MALMEN preset continued with the AGRADE preserved archive's recipe (session 12, archives/README.md)
+    "malmen-preserved-smollm2-135m-instruct.safetensors":
+        "88eaf2f2a8fcf673281004ab0c6bb059969a45c727129f52330bd4d93168bd08",
     # EasyEdit's MEND network (session 6, its own EditTrainer; digest added with scripts/add_archive_digests.py)
     "mend-smollm2-135m-instruct.safetensors": "0eeb2e8f061e858caacb9fe6fb997f19afd53bccf91714653632198a5b43044b",
 }
@@ -184,3 +187,23 @@ def test_shipped_archives_carry_a_verified_digest():
         if meta.get("format", "").startswith("easyedit-mend"):
             continue  # EasyEdit's MEND state dict: no model fingerprint (EasyEdit's loader checks the shapes)
         assert json.loads(json.dumps(meta))["fingerprint"]["dtype"] == "float32", path.name
+
+
+@pytest.mark.parametrize("preset,term,expected", [
+    ("agrade", True, "agrade-preserved-smollm2-135m-instruct.safetensors"),
+    ("agrade", False, "agrade-smollm2-135m-instruct.safetensors"),
+    ("malmen", True, "malmen-preserved-smollm2-135m-instruct.safetensors"),
+    ("malmen", False, "malmen-smollm2-135m-instruct.safetensors"),
+])
+def test_default_yaml_finds_the_shipped_archive_trained_like_it(embedded_model, preset, term, expected):
+    """``archive: null`` with the shipped YAML: the preset picks the network (the fingerprint keeps a MALMEN archive
+    from serving AGRADE), the preserved-knowledge switch picks the archive trained with or without log μ."""
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.models.agrade.archive import find_archive, has_preserved_term
+    from easyedit_agrade.paths import REPO_ROOT
+
+    hp = AGRADEHyperParams.from_hparams(str(REPO_ROOT / "hparams/AGRADE/smollm2-135m"),
+                                        overrides={"preset": preset, "use_preserved_cov": term,
+                                                   "preserved_change_budget": 0.15 if term else None})
+    found = find_archive(embedded_model[0], hp)
+    assert found.name == expected and has_preserved_term(found) == term
