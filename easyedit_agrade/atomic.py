@@ -65,25 +65,39 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False,
-               accept_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+               accept_existing: Callable[[Path], bool] | None = None,
+               check_before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on a clean exit it is renamed to ``target``.
 
-    ``replace_existing``: an existing ``target`` is deleted just before the rename (a training checkpoint being
-    rewritten); otherwise the rename fails on a non-empty ``target`` and the error is raised, unless
-    ``accept_existing(target)`` says the folder already there will do (a concurrent writer finished first). The
-    temporary folder is always removed (a failed or interrupted build leaves ``target`` as it was).
+    ``replace_existing``: an existing ``target`` is replaced (a training checkpoint being rewritten, an earlier
+    save). It is first moved aside to a hidden sibling and deleted only once the new folder is in place; if the
+    rename fails it is moved back, so there is no moment at which neither version exists. Otherwise the rename
+    fails on a non-empty ``target`` and the error is raised, unless ``accept_existing(target)`` says the folder
+    already there will do (a concurrent writer finished first). ``check_before_rename()`` runs after the body and
+    before anything is moved (e.g. re-checking that ``target`` is still ours to replace); an exception from it
+    leaves ``target`` untouched. The temporary folder is always removed (a failed or interrupted build leaves
+    ``target`` as it was).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    aside: Path | None = None
     try:
         yield tmp
+        if check_before_rename is not None:
+            check_before_rename()
         if replace_existing and target.exists():
-            shutil.rmtree(target)
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, aside / "previous")
         try:
             os.replace(tmp, target)
         except OSError:
+            if aside is not None:  # put the previous version back
+                os.replace(aside / "previous", target)
+                raise
             if accept_existing is None or not accept_existing(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

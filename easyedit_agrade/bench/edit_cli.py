@@ -21,13 +21,12 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..atomic import atomic_dir
 from .methods import ALL_METHODS, METHODS, MethodSpec
 
 NEEDS_SUBJECT = {"ROME", "MEMIT"}
@@ -180,36 +179,21 @@ def check_out_target(out: str | os.PathLike[str], requests: str | os.PathLike[st
 
 def atomic_save_model(model: Any, tok: Any, target: Path, *, overwrite: bool = False,
                       keep: Sequence[str | os.PathLike[str]] = ()) -> None:
-    """Save an HF model directory via a temporary sibling folder renamed into place.
+    """Save an HF model directory via a temporary sibling folder renamed into place (:func:`atomic_dir`).
 
     The target is checked again with :func:`check_save_model_target` right before the rename; a replaced earlier
     save is moved aside first and deleted only once the new one is in place (restored if the rename fails).
     """
     target = check_save_model_target(target, overwrite=overwrite, keep=keep)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):  # a peft wrapper (LoRA): fold the adapter into the weights
         model = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    old = None
-    try:
+    # the target may have changed while saving: check again; it is then empty or our own earlier save
+    with atomic_dir(target, replace_existing=True,
+                    check_before_rename=lambda: check_save_model_target(target, overwrite=overwrite, keep=keep)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / SAVED_MARKER).write_text(json.dumps({"saved_by": "easyedit-agrade edit",
                                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        check_save_model_target(target, overwrite=overwrite, keep=keep)  # it may have changed while saving
-        if target.exists():  # empty, or our own earlier save (checked above)
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "model")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old is not None:  # put the earlier save back
-                os.replace(old / "model", target)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def edit_main(argv: Sequence[str] | None = None) -> int:

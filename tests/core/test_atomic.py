@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,43 @@ def test_folder_rename_onto_an_existing_folder(tmp_path):
     with atomic_dir(target, accept_existing=lambda t: (t / "done").exists()) as tmp:  # a concurrent writer won
         (tmp / "x").write_text("mine")
     assert [p.name for p in target.iterdir()] == ["done"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_folder_replace_keeps_the_previous_version_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """replace_existing moves the old folder aside and deletes it only after the rename: a failing rename puts it
+    back, a failing pre-rename check leaves it untouched, and no hidden sibling is left either way."""
+    import easyedit_agrade.atomic as atomic
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text("old")
+
+    def refuse():
+        raise Crash("target changed while saving")
+
+    with pytest.raises(Crash):
+        with atomic_dir(target, replace_existing=True, check_before_rename=refuse) as tmp:
+            (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+    real_replace = os.replace
+    seen = []
+
+    def failing_rename(src, dst):
+        seen.append((Path(src).name, Path(dst).name))
+        if Path(dst) == target and ".partial-" in Path(src).name:
+            assert not target.exists()  # the old version is aside (not deleted) while the new one moves in
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(target, replace_existing=True) as tmp:
+            (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [d for _, d in seen] == ["previous", "model", "model"]  # aside, the failed rename, back
+
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    with atomic_dir(target, replace_existing=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]

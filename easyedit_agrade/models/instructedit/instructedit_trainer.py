@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ...core.cache import grad_only_for
 from ...core.editor_trainer import EditorTrainer, run_and_report, train_cli, trainer_arg_parser
 from ...distributed.collective import Collective
+from ...evaluate.metrics import nanmean
 from .archive import save_archive
 from .editor import InstructEditEditor, build_networks, delta_hooks
 from .instructedit_eval import evaluate_task, make_probe
@@ -157,7 +158,7 @@ class InstructEditTrainer(EditorTrainer):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if torch.isfinite(grad_norm):
             self.opt.step()
-        out = {k: _nanmean([s[k] for s in stats]) for k in stats[0]}
+        out = {k: nanmean([s[k] for s in stats]) for k in stats[0]}
         out["grad_norm"] = float(grad_norm)
         return out
 
@@ -190,7 +191,7 @@ class InstructEditTrainer(EditorTrainer):
                              "train_sizes": {t: len(r) for t, r in self.train_set.items()}}))
 
     def train_log_stats(self, window: Sequence[dict[str, float]]) -> dict[str, float]:
-        return {k: round(_nanmean([s[k] for s in window]), 4) for k in window[0]}
+        return {k: round(nanmean([s[k] for s in window]), 4) for k in window[0]}
 
     def summary(self) -> dict[str, Any]:
         return {"step": self.step, "best": self.state["best"], "best_step": self.state["best_step"],
@@ -209,11 +210,6 @@ class InstructEditTrainer(EditorTrainer):
 
     def write_archive(self, path: Path, facts: dict[str, Any]) -> None:
         save_archive(path, self.nets, self.model, self.config, facts)
-
-
-def _nanmean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
