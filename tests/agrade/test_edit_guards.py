@@ -92,6 +92,23 @@ def test_delta_beyond_max_ratio_is_refused_and_the_model_left_untouched(tmp_path
     assert _same(before, _weights(model))
 
 
+def test_more_requests_than_batch_size_warns_that_chunks_add_up(tmp_path, tok):
+    """One call, 3 requests, batch_size 2: two sequential chunks (the second solved on the edited model) and a
+    RuntimeWarning naming the batch_size that would make it one solve; exactly batch_size requests: no warning."""
+    from easyedit_agrade.models.agrade import apply_agrade_to_model
+
+    model, hp = _agrade(tmp_path, tok, batch_size=2, max_delta_ratio=None)
+    with pytest.warns(RuntimeWarning, match=r"3 requests are edited in 2 sequential chunks of batch_size=2.*"
+                                            r"batch_size >= 3"):
+        _, copy = apply_agrade_to_model(model, tok, _requests(3), hp, return_orig_weights=True)
+    assert copy.report.chunks == 2
+    model2, hp2 = _agrade(tmp_path / "b", tok, batch_size=2, max_delta_ratio=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, copy2 = apply_agrade_to_model(model2, tok, _requests(2), hp2, return_orig_weights=True)
+    assert copy2.report.chunks == 1
+
+
 def test_instructedit_reports_and_refuses_large_deltas(tmp_path, tok):
     from easyedit_agrade.models.instructedit import InstructEditHyperParams, apply_instructedit_to_model
     from easyedit_agrade.models.instructedit.archive import save_archive
