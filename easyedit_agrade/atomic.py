@@ -71,7 +71,8 @@ def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False
 
     ``replace_existing``: an existing ``target`` is replaced (a training checkpoint being rewritten, an earlier
     save). It is first moved aside to a hidden sibling and deleted only once the new folder is in place; if the
-    rename fails it is moved back, so there is no moment at which neither version exists. Otherwise the rename
+    rename fails it is moved back, so the previous version is never lost (should even that
+    fail, it is kept in the hidden ``.<name>.old-<random>/previous``, never deleted). Otherwise the rename
     fails on a non-empty ``target`` and the error is raised, unless ``accept_existing(target)`` says the folder
     already there will do (a concurrent writer finished first). ``check_before_rename()`` runs after the body and
     before anything is moved (e.g. re-checking that ``target`` is still ours to replace); an exception from it
@@ -82,6 +83,7 @@ def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     aside: Path | None = None
+    drop_aside = True  # False only if the previous version could not be put back: then it stays in ``aside``
     try:
         yield tmp
         if check_before_rename is not None:
@@ -93,11 +95,13 @@ def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False
             os.replace(tmp, target)
         except OSError:
             if aside is not None:  # put the previous version back
+                drop_aside = False
                 os.replace(aside / "previous", target)
+                drop_aside = True
                 raise
             if accept_existing is None or not accept_existing(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None:
+        if aside is not None and drop_aside:
             shutil.rmtree(aside, ignore_errors=True)

@@ -103,14 +103,24 @@ def test_folder_rename_onto_an_existing_folder(tmp_path):
     assert [p.name for p in target.iterdir()] == ["done"] and len(list(tmp_path.iterdir())) == 1
 
 
+def _folder(target, text):
+    """``target`` built with one file ``w`` holding ``text`` (what a replace must never lose)."""
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text(text)
+    return target
+
+
+def _replace_into(target, text):
+    with atomic_dir(target, replace_existing=True) as tmp:
+        (tmp / "w").write_text(text)
+
+
 def test_folder_replace_keeps_the_previous_version_until_the_new_one_is_in_place(tmp_path, monkeypatch):
     """replace_existing moves the old folder aside and deletes it only after the rename: a failing rename puts it
     back, a failing pre-rename check leaves it untouched, and no hidden sibling is left either way."""
     import easyedit_agrade.atomic as atomic
 
-    target = tmp_path / "model"
-    with atomic_dir(target) as tmp:
-        (tmp / "w").write_text("old")
+    target = _folder(tmp_path / "model", "old")
 
     def refuse():
         raise Crash("target changed while saving")
@@ -132,12 +142,28 @@ def test_folder_replace_keeps_the_previous_version_until_the_new_one_is_in_place
 
     monkeypatch.setattr(atomic.os, "replace", failing_rename)
     with pytest.raises(OSError, match="disk full"):
-        with atomic_dir(target, replace_existing=True) as tmp:
-            (tmp / "w").write_text("new")
+        _replace_into(target, "new")
     assert (target / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
     assert [d for _, d in seen] == ["previous", "model", "model"]  # aside, the failed rename, back
 
     monkeypatch.setattr(atomic.os, "replace", real_replace)
-    with atomic_dir(target, replace_existing=True) as tmp:
-        (tmp / "w").write_text("new")
+    _replace_into(target, "new")
     assert (target / "w").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_folder_replace_keeps_the_previous_version_aside_if_it_cannot_be_put_back(tmp_path, monkeypatch):
+    import easyedit_agrade.atomic as atomic
+
+    target = _folder(tmp_path / "model", "old")
+    real_replace = os.replace
+
+    def no_rename_onto_target(src, dst):
+        if Path(dst) == target:
+            raise OSError("read-only parent")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", no_rename_onto_target)
+    with pytest.raises(OSError, match="read-only"):
+        _replace_into(target, "new")
+    (aside,) = [p for p in tmp_path.iterdir()]  # the new build is gone; the previous one is kept, not deleted
+    assert aside.name.startswith(".model.old-") and (aside / "previous" / "w").read_text() == "old"

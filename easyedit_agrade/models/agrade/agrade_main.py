@@ -90,7 +90,7 @@ def warn_sequential_chunks(n_requests: int, batch_size: int) -> None:
         warnings.warn(f"AGRADE: {n_requests} requests are edited in {chunks} sequential chunks of batch_size="
                       f"{batch_size}; every chunk is solved on the model the earlier ones edited and the preserved-"
                       f"change budget holds per chunk, so their damage adds up. Set batch_size >= {n_requests} to "
-                      f"edit them in one solve", RuntimeWarning, stacklevel=3)
+                      f"edit them in one solve", RuntimeWarning, stacklevel=5)
 
 
 def apply_agrade_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
