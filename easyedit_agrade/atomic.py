@@ -83,7 +83,6 @@ def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     aside: Path | None = None
-    drop_aside = True  # False only if the previous version could not be put back: then it stays in ``aside``
     try:
         yield tmp
         if check_before_rename is not None:
@@ -95,13 +94,12 @@ def atomic_dir(target: str | os.PathLike[str], *, replace_existing: bool = False
             os.replace(tmp, target)
         except OSError:
             if aside is not None:  # put the previous version back
-                drop_aside = False
                 os.replace(aside / "previous", target)
-                drop_aside = True
                 raise
             if accept_existing is None or not accept_existing(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None and drop_aside:
+        # the previous version is dropped once ``target`` holds the new one or it was put back, never otherwise
+        if aside is not None and (target.exists() or not (aside / "previous").exists()):
             shutil.rmtree(aside, ignore_errors=True)

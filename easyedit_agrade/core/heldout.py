@@ -37,7 +37,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-
 from torch.nn.modules import module as _module_mod
 
 from .checkpoint import tensor_digest

@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -85,7 +86,7 @@ def warn_sequential_chunks(n_requests: int, batch_size: int) -> None:
     solved on the model the earlier chunks edited, and the preserved-change budget and the guards hold per chunk,
     so the damage adds up (the benchmark's 2,048 mixed edits as 8 chunks of 256: perplexity 15×; in one solve
     1.14×, docs/evaluation.md)."""
-    chunks = -(-n_requests // max(batch_size, 1))
+    chunks = math.ceil(n_requests / batch_size)
     if chunks > 1:
         warnings.warn(f"AGRADE: {n_requests} requests are edited in {chunks} sequential chunks of batch_size="
                       f"{batch_size}; every chunk is solved on the model the earlier ones edited and the preserved-"
