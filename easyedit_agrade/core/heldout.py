@@ -186,17 +186,12 @@ class HeldOutStore:
             lower_ok, ref_ok = bool(misses[0] == 0), bool(misses[1] == 0)
         if lower_ok:
             text = HeldOutText(editor.stack, entry["batches"], collective)
-            self.stats["lower_reused"] += 1
         else:
             text = HeldOutText.from_windows(editor, windows, collective, micro_batch=micro_batch)
-            self.stats["lower_runs"] += 1
-        if ref_ok:
-            reference = entry["reference"]
-            self.stats["reference_reused"] += 1
-        else:
-            reference = text.nll()
-            self.stats["reference_runs"] += 1
+        reference = entry["reference"] if ref_ok else text.nll()
         with self._lock:
+            self.stats["lower_reused" if lower_ok else "lower_runs"] += 1
+            self.stats["reference_reused" if ref_ok else "reference_runs"] += 1
             self._put(self._texts, key, {"model": weakref.ref(model), "lower": lower_digest, "full": full_digest,
                                          "batches": text.batches, "reference": reference})
         return text, reference
