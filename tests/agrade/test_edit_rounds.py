@@ -292,3 +292,23 @@ def test_round_one_is_kept_even_when_the_next_pass_is_worse(tok):
     _scripted_accuracy(ed, [k / n_targets for k in (4, 2, 3)], after_last=3 / n_targets)
     result = ed.edit_deltas(prompts, targets)
     assert [r["solved"] for r in result.rounds] == [True, True, True] and not any(r.get("undone") for r in result.rounds)
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_the_report_path_solves_as_the_executor(tok, rounds):
+    """``evaluate_records`` (the scaling report, calibration, the trainer's validation) edits through the same
+    dispatch as the executor's ``edit_deltas``: the same ΔW (its norm, to the last bit) for one round and for the
+    summed rounds, and the model restored exactly afterwards."""
+    from easyedit_agrade.models.agrade.agrade_eval import evaluate_records
+
+    recs = records(6)
+    ed = tiny_editor(tok, edit_rounds=rounds, rounds_stop_accuracy=None)
+    before = _weights(ed)
+    out = evaluate_records(ed, recs, pre=False)
+    assert all(torch.equal(before[k], p) for k, p in ed.model.named_parameters())
+    ref = ed.edit_deltas([r.prompt for r in recs], [r.target_new for r in recs], subjects=[r.subject for r in recs])
+    assert len(ref.rounds) == (0 if rounds == 1 else 2)
+    assert out["delta_norm"] == float(sum(float(d.norm()) ** 2 for d in ref.deltas.values()) ** 0.5)
+    if rounds == 1:  # and the one-pass solve the report used before it shared the executor's dispatch
+        old = ed.compute(ed.cache(ed.encode([r.prompt for r in recs], [r.target_new for r in recs])))
+        assert all(torch.equal(old.deltas[k], ref.deltas[k]) for k in ref.deltas)

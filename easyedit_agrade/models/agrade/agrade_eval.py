@@ -96,12 +96,8 @@ def evaluate_records(editor: AGRADEEditor, records: Sequence[EditRecord], *, pre
     if pre:
         out.update({f"pre_{k}": v for k, v in pre_edit_metrics(editor, probes).items()})
     t0 = time.perf_counter()
-    rounds = int(getattr(editor.hparams, "edit_rounds", 1))
     with torch.enable_grad():
-        if rounds > 1 or editor.heldout_guard_on():  # as the executor edits (edit_rounds, the perplexity guard)
-            result = editor.edit_in_rounds(probes.edit, rounds)
-        else:
-            result = editor.compute(editor.cache(probes.edit))
+        result = editor.solve(probes.edit)  # as the executor edits (edit_rounds, the perplexity guard)
     weights_copy = apply_deltas(editor.model, result.deltas, mode=editor.hparams.apply_mode)
     out["edit_time_s"] = time.perf_counter() - t0
     try:

@@ -332,14 +332,18 @@ class AGRADEEditor(HypernetEditor):
         target+subject`` (an error without them). With ``hparams.edit_rounds`` > 1 see :meth:`edit_in_rounds`."""
         if self.hparams.key_positions != "target" and subjects is None:
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
-        mbs = self.encode(prompts, targets, subjects=subjects)
-        rounds = int(getattr(self.hparams, "edit_rounds", 1))
-        if rounds == 1 and not self.heldout_guard_on():
-            result = self._edit_round(mbs, collective)[0]
-        else:
-            result = self.edit_in_rounds(mbs, rounds, collective)
+        result = self.solve(self.encode(prompts, targets, subjects=subjects), collective)
         self.check_preserved_change(result)
         return result
+
+    def solve(self, mbs: Sequence[MicroBatch], collective: Collective | None = None) -> EditResult:
+        """ΔW for already encoded edit micro-batches, as the executor computes it: one cache pass and solve, or
+        :meth:`edit_in_rounds` with ``hparams.edit_rounds`` > 1 or the perplexity guard on. The model is
+        unchanged when this returns; :meth:`check_preserved_change` is the caller's."""
+        rounds = int(getattr(self.hparams, "edit_rounds", 1))
+        if rounds == 1 and not self.heldout_guard_on():
+            return self._edit_round(mbs, collective)[0]
+        return self.edit_in_rounds(mbs, rounds, collective)
 
     def heldout_guard_on(self) -> bool:
         """Whether the perplexity guard (``hparams.max_heldout_ppl_ratio``) acts: set, and editing (not training)."""
