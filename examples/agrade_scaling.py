@@ -4,7 +4,9 @@ the training data. Markdown + JSON + PNG (Score and perplexity vs N, log-x), plu
 edited prompts so degeneration ("India, India, India") shows.
 
 Each editor is ``NAME=ARCHIVE[;key=value;...]`` (edit-time overrides of ``hparams/AGRADE/smollm2-135m.yaml``,
-e.g. ``use_preserved_cov=true;log_mu_offset=2``, and ``eta_factor=K`` to scale every η as calibrate does); ``shipped`` means the archive the default YAML finds.
+e.g. ``use_preserved_cov=true;log_mu_offset=2``, ``eta_factor=K`` to scale every η as calibrate does, and
+``hparams=PATH`` to start from another YAML); ``shipped`` means the archive the YAML finds, ``none`` an untrained
+network (for ``value_source: optimized``, which uses none: ``"values=none;hparams=hparams/AGRADE/smollm2-135m-values"``).
 
 Sets (``--sets``; validation sets are the only ones to choose settings on):
 
@@ -119,7 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     base = AGRADEHyperParams.from_hparams(HPARAMS)
     model, tok = load_model_and_tokenizer(str(base.model_name))
     windows = wikitext_windows(tok, data_dir() / WIKITEXT_FILE, n_windows=args.ppl_windows, window=args.ppl_window)
-    probe_editor = AGRADEEditor(model, tok, base, build_networks(model, base))
+    prepared_hp = []
+    for name, archive, over in editors:
+        settings = {k: v for k, v in over.items() if k not in ("eta_factor", "hparams")}
+        own = AGRADEHyperParams.from_hparams(over["hparams"]) if "hparams" in over else base
+        prepared_hp.append(AGRADEHyperParams.from_dict(dict(own.to_dict(), **settings, batch_size=max(args.n))))
+    # the probes run from the lowest edited layer of any editor, so every editor's ΔW is inside what they measure
+    every_param = sorted({p for hp in prepared_hp for p in hp.inner_params},
+                         key=lambda p: int(p.split(".layers.")[1].split(".")[0]) if ".layers." in p else 0)
+    probe_hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), inner_params=every_param, use_preserved_cov=False,
+                                                preserved_change_budget=None, archive=None))
+    probe_editor = AGRADEEditor(model, tok, probe_hp, build_networks(model, probe_hp))
     # key statistics of the unedited model: every editor's predicted output change on ordinary text is reported
     stats = preserved_second_moments(model, tok, probe_editor.stack.module_names, corpus=base.preserved_corpus,
                                      n_tokens=base.preserved_tokens, window=base.preserved_window,
@@ -128,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                      "ppl_unedited": float(perplexity(model, windows)), "ppl_tokens": int(windows.numel())}
     print(f"unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} on {windows.numel()} tokens", flush=True)
     prepared = []
-    for name, archive, over in editors:
-        settings = {k: v for k, v in over.items() if k != "eta_factor"}
-        hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), **settings, batch_size=max(args.n)))
-        path = str(find_archive(model, hp)) if archive == "shipped" else archive
-        hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
-        nets = load_networks(path, model, hp)
+    for (name, archive, over), hp in zip(editors, prepared_hp):
+        if archive == "none":  # an untrained network: what value_source: optimized uses (it needs none)
+            path, nets = None, build_networks(model, hp)
+        else:
+            path = str(find_archive(model, hp)) if archive == "shipped" else archive
+            hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
+            nets = load_networks(path, model, hp)
         if "eta_factor" in over:  # every module's η of eq 1 times this factor (what calibrate searches)
             with torch.no_grad():
                 for net in nets.nets.values():
@@ -186,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                 edit_s = time.perf_counter() - t0
                 try:
                     row = {"set": set_name, "n": n, "editor": name, "edit_s": edit_s, "edits_per_s": n / edit_s,
-                           "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
-                           "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
-                           "portability": accuracy(editor, port, pr.n) if port is not None else None,
+                           "es": accuracy(probe_editor, pr.edit, pr.n),
+                           "gs": accuracy(probe_editor, pr.equiv, pr.n),
+                           "ls": accuracy(probe_editor, pr.loc, pr.n, reference=ref),
+                           "portability": accuracy(probe_editor, port, pr.n) if port is not None else None,
                            "ppl": float(perplexity(model, windows)),
                            "preserved_change": preserved_output_change(model, stats, result.deltas),
                            "rounds": result.rounds,

@@ -75,6 +75,11 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pool = build_pool(data_dir(), seed=cfg["seed"])
     hdir = Path(cfg["hparams_dir"]) if cfg["hparams_dir"] else None
+    env = environment(cfg["seed"])
+    result = {"command": "easyedit-agrade bench " + " ".join(cfg.get("argv", [])),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reference": cfg["speed_methods"][0],
+              "environment": f"{env.get('machine')}, {env.get('cpu_count')} CPUs, {env.get('torch_threads')} torch "
+                             f"threads, CUDA: {env.get('cuda_device') or 'none'}", "runs": []}
     runs: list[dict] = []
     for n in cfg["speed_sizes"]:
         records = pool.take(n)
@@ -117,15 +122,11 @@ def run_speed(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
             else:
                 log(f"[speed {name} N={len(records)}] failed: {entry['error'][:200]}")
             runs.append(entry)
-    env = environment(cfg["seed"])
-    reference = cfg["speed_methods"][0]
-    result = {"command": "easyedit-agrade bench " + " ".join(cfg.get("argv", [])),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reference": reference,
-              "environment": f"{env.get('machine')}, {env.get('cpu_count')} CPUs, {env.get('torch_threads')} torch "
-                             f"threads, CUDA: {env.get('cuda_device') or 'none'}",
-              "runs": speed_rows(runs, reference)}
-    atomic_write_text(out / "speed.json", json.dumps(result, indent=1))
-    md = speed_markdown(result)
-    atomic_write_text(out / "speed.md", md)
-    log(md)
+            # after every method: a long run that is stopped keeps what it has measured
+            result["runs"] = speed_rows(runs, result["reference"])
+            result["finished"] = len(runs) == len(cfg["speed_sizes"]) * len(cfg["speed_methods"])
+            atomic_write_text(out / "speed.json", json.dumps(result, indent=1))
+            md = speed_markdown(result)
+            atomic_write_text(out / "speed.md", md)
+    log(speed_markdown(result))
     return result

@@ -38,6 +38,9 @@ class MicroBatch:
     record_ids: torch.Tensor
     hidden: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    #: the subject's last token of each row (set with ``key_positions: target+subject``; it may also be a predict
+    #: position when the subject ends the prompt)
+    subject_mask: torch.Tensor | None = None
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.input_ids, self.attention_mask, self.predict_mask, self.labels
@@ -88,7 +91,8 @@ def encode_micro_batches(tok, prompts: Sequence[str], targets: Sequence[str], *,
                                  subjects=[subjects[i] for i in idx] if with_subject else None)  # type: ignore[index]
         key_mask = None if b.subject_mask is None else (b.predict_mask | b.subject_mask).to(device)
         out.append(MicroBatch(b.input_ids.to(device), b.attention_mask.to(device), b.predict_mask.to(device),
-                              b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long), key_mask=key_mask))
+                              b.shifted_labels.to(device), torch.tensor(idx, dtype=torch.long), key_mask=key_mask,
+                              subject_mask=None if b.subject_mask is None else b.subject_mask.to(device)))
     return out
 
 

@@ -135,7 +135,7 @@ def test_speed_option_times_methods_side_by_side(tmp_path, shared_data, easyedit
     assert rc == 0
     res = json.loads((out / "speed.json").read_text())
     runs = {r["method"]: r for r in res["runs"]}
-    assert set(runs) == {"FT", "ROME"} and res["reference"] == "FT"
+    assert set(runs) == {"FT", "ROME"} and res["reference"] == "FT" and res["finished"] is True
     for r in runs.values():
         assert r["status"] == "ok", r.get("error")
         assert r["n_edits"] == 1 and r["edit_seconds"] > 0 and r["peak_rss_mb"] > 0
@@ -143,3 +143,29 @@ def test_speed_option_times_methods_side_by_side(tmp_path, shared_data, easyedit
     assert runs["ROME"]["ratio_to_reference"] == runs["ROME"]["edit_seconds"] / runs["FT"]["edit_seconds"]
     assert "512 tokens of wiki.valid.tokens" in runs["ROME"]["statistics"]
     assert "| ROME | 1 |" in (out / "speed.md").read_text()
+
+
+def test_speed_run_stopped_midway_keeps_what_it_measured(tmp_path, shared_data, easyeditor_module, embedded_model_dir):
+    """A long ``bench --speed`` run (hours for ROME/MEMIT at 128 edits on a CPU) writes speed.json/speed.md after
+    every method, so a run stopped in the middle keeps the finished methods' rows, marked ``finished: false``."""
+    from easyedit_agrade.bench.runner import build_parser, resolve_config
+    from easyedit_agrade.bench.speed import run_speed
+
+    out = tmp_path / "speed"
+    cfg = resolve_config(build_parser().parse_args(["--speed", "--speed-methods", "FT,ROME", "--speed-sizes", "1",
+                                                    "--stats-tokens", "512", "--out", str(out), "--threads", "1"]))
+
+    class Stopped(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith("[speed ROME"):  # the second method starts: stop the run here
+            raise Stopped(line)
+
+    with pytest.raises(Stopped):
+        run_speed(cfg, log=log)
+    res = json.loads((out / "speed.json").read_text())
+    assert res["finished"] is False
+    assert [(r["method"], r["status"]) for r in res["runs"]] == [("FT", "ok")]
+    md = (out / "speed.md").read_text()
+    assert "| FT | 1 |" in md and "ROME" not in md

@@ -110,6 +110,21 @@ class AGRADEHyperParams(EditorHyperParams):
     max_heldout_ppl_ratio: Optional[float] = None
     heldout_windows: int = 16
     heldout_search_steps: int = 5
+    #: where eq 5's G comes from when editing: ``hypernet`` (the paper: the trained network's one-shot G) or
+    #: ``optimized`` — MEMIT's values, optimised for every request of the batch at edit time (δ at the last edited
+    #: layer's output, subject's last token; ``value_steps`` Adam steps of ``value_lr``, weight decay
+    #: ``value_weight_decay``·‖δ‖²/‖h‖², ‖δ‖ ≤ ``value_clamp``·‖h‖, a request stops at mean target NLL
+    #: ``value_stop_nll``; over its prompt and ``value_prefixes`` context-prefixed copies), then spread over the
+    #: edited modules with ΔW = (KᵀK + ``value_preserved_weight``·n·C₀)⁻¹KᵀR on the subjects' keys. No archive is
+    #: used. models/agrade/values.py, docs/agrade.md *Value-optimised edits*
+    value_source: Literal["hypernet", "optimized"] = "hypernet"
+    value_steps: int = 25
+    value_lr: float = 0.5
+    value_weight_decay: float = 1e-3
+    value_clamp: float = 4.0
+    value_stop_nll: float = 0.05
+    value_prefixes: int = 2
+    value_preserved_weight: float = 100.0
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
@@ -141,6 +156,20 @@ class AGRADEHyperParams(EditorHyperParams):
         if (isinstance(self.heldout_search_steps, bool) or not isinstance(self.heldout_search_steps, int)
                 or not 0 <= self.heldout_search_steps <= 20):
             raise HyperParamsError(f"heldout_search_steps must be an integer in [0, 20], got {self.heldout_search_steps!r}")
+        if self.value_source not in ("hypernet", "optimized"):
+            raise HyperParamsError(f"value_source must be 'hypernet' or 'optimized', got {self.value_source!r}")
+        for key in ("value_steps", "value_prefixes"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "value_steps" else 0):
+                raise HyperParamsError(f"{key} must be an integer >= {1 if key == 'value_steps' else 0}, got {v!r}")
+        for key in ("value_lr", "value_clamp", "value_stop_nll", "value_preserved_weight"):
+            if not (math.isfinite(float(getattr(self, key))) and float(getattr(self, key)) > 0):
+                raise HyperParamsError(f"{key} must be a finite number > 0, got {getattr(self, key)!r}")
+        if not (math.isfinite(float(self.value_weight_decay)) and float(self.value_weight_decay) >= 0):
+            raise HyperParamsError(f"value_weight_decay must be a finite number >= 0, got {self.value_weight_decay!r}")
+        if self.value_source == "optimized" and (self.edit_rounds != 1 or self.max_heldout_ppl_ratio is not None):
+            raise HyperParamsError("value_source: optimized makes its edit in one solve: set edit_rounds: 1 and "
+                                   "max_heldout_ppl_ratio: null")
         if self.max_preserved_change is not None and not self.max_preserved_change > 0:
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:

@@ -31,7 +31,7 @@ from ...core.archive_cache import ArchiveCache
 from ...core.executor import check_requests, edit_in_chunks, run_easyedit_executor
 from ...dataset.readers import records_from_requests
 from .agrade_hparams import AGRADEHyperParams
-from .archive import ArchiveMismatchError, ArchiveNotFoundError, find_archive, load_networks
+from .archive import ArchiveMismatchError, ArchiveNotFoundError, build_networks, find_archive, load_networks
 from .guards import CountingAGRADEEditor, note_heldout, note_suppressed
 
 __all__ = ["apply_agrade_to_model", "execute_agrade", "ArchiveNotFoundError", "ArchiveMismatchError",
@@ -62,7 +62,9 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     from ...distributed.collective import get_collective
 
     coll = collective if collective is not None else get_collective()
-    if nets is None:
+    if nets is None and getattr(hparams, "value_source", "hypernet") == "optimized":
+        nets = build_networks(model, hparams)  # the edit-time value search uses no trained network
+    elif nets is None:
         nets, _ = _networks_for(model, hparams)
     records = records_from_requests(requests)
     check_requests(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,

@@ -69,6 +69,8 @@ class EditResult:
     #: (``max_heldout_ppl_ratio``) also the step the round's ΔW was scaled by and the held-out perplexity ratio
     #: after it (``step``, ``heldout_ppl_ratio``)
     rounds: list[dict] = field(default_factory=list)
+    #: with ``value_source: optimized``: the value search (steps, mean target NLL before/after, converged requests)
+    values: dict = field(default_factory=dict)
 
 
 #: at most this many +1 steps of log μ under ``preserved_change_budget`` (e^16 ≈ 9·10⁶ times the learned μ)
@@ -94,7 +96,8 @@ class AGRADEEditor(HypernetEditor):
         self.preserved: dict[str, PreservedKeys] | None = None
         #: the perplexity guard's held-out text and reference NLL, per (rank, world size); built on first use
         self._heldout: tuple[tuple[int, int], HeldOutText, float] | None = None
-        if hparams.uses_preserved_keys() or getattr(hparams, "max_preserved_change", None) is not None:
+        if (hparams.uses_preserved_keys() or getattr(hparams, "max_preserved_change", None) is not None
+                or self.optimized_values):
             self.second_moments, keys = preserved_keys_for(model, tok, hparams)
             self.preserved = keys if hparams.uses_preserved_keys() else None
 
@@ -330,11 +333,49 @@ class AGRADEEditor(HypernetEditor):
         unchanged when this returns). With a multi-rank ``collective`` pass this rank's shard of the edits; every
         rank gets the same ΔW. ``subjects`` (the requests' subjects) are needed by ``key_positions:
         target+subject`` (an error without them). With ``hparams.edit_rounds`` > 1 see :meth:`edit_in_rounds`."""
+        if self.optimized_values:
+            result = self.edit_with_values(prompts, targets, subjects, collective)
+            self.check_preserved_change(result)
+            return result
         if self.hparams.key_positions != "target" and subjects is None:
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
         result = self.solve(self.encode(prompts, targets, subjects=subjects), collective)
         self.check_preserved_change(result)
         return result
+
+    @property
+    def optimized_values(self) -> bool:
+        """Whether G comes from the edit-time value search (``value_source: optimized``) instead of the network."""
+        return getattr(self.hparams, "value_source", "hypernet") == "optimized"
+
+    def edit_with_values(self, prompts: Sequence[str], targets: Sequence[str], subjects: Sequence[str | None] | None,
+                         collective: Collective | None = None) -> EditResult:
+        """ΔW of ``value_source: optimized`` (:mod:`.values`): the requests' values optimised at the last edited
+        layer, spread over the edited modules with the preserved-knowledge solve. The model is unchanged when this
+        returns."""
+        from ...core.preserved_stats import resolve_corpus
+        from . import values
+
+        if collective is not None and collective.is_distributed:
+            raise NotImplementedError("value_source: optimized is not data-parallel yet: edit in one process")
+        if subjects is None or any(not s for s in subjects):
+            i = 0 if subjects is None else next(i for i, s in enumerate(subjects) if not s)
+            raise ValueError(f"request {i}: value_source: optimized needs every request's subject")
+        hp = self.hparams
+        prefixes = values.context_prefixes(resolve_corpus(hp.preserved_corpus), int(hp.value_prefixes))
+        batches = values.encode_value_batches(self.tok, prompts, targets, subjects, prefixes,
+                                              micro_batch=int(hp.cache_batch_size), device=self.device)
+        last = self.stack.layer_of[self.stack.module_names[-1]]
+        delta, h, info = values.optimise_values(
+            self.model, batches, len(prompts), last, steps=int(hp.value_steps), lr=float(hp.value_lr),
+            weight_decay=float(hp.value_weight_decay), clamp=float(hp.value_clamp), stop_nll=float(hp.value_stop_nll))
+        deltas = values.spread_values(self.model, batches, len(prompts), self.stack.module_names,
+                                      self.stack.layers[last], h + delta, self.second_moments or {},
+                                      float(hp.value_preserved_weight))
+        dtype = self.dtype
+        return EditResult(deltas={n: d.to(dtype) for n, d in deltas.items()}, cache_loss=float(info["nll_start"]),
+                          n_tokens=sum(int(vb.mb.predict_mask[vb.plain.to(self.device)].sum()) for vb in batches),
+                          values=info)
 
     def solve(self, mbs: Sequence[MicroBatch], collective: Collective | None = None) -> EditResult:
         """ΔW for already encoded edit micro-batches, as the executor computes it: one cache pass and solve, or

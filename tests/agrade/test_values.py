@@ -1,0 +1,200 @@
+"""``value_source: optimized`` (models/agrade/values.py): MEMIT's values searched for a whole batch at once and
+spread over the edited modules with the preserved-knowledge solve — on a tiny float64 LLaMA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyedit_agrade.hparams import HyperParamsError
+from easyedit_agrade.models.agrade import values
+
+from agrade_helpers import tiny_llama
+
+PARAMS = [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]  # L = 1; layer 2 lies above it
+MODULES = [p[: -len(".weight")] for p in PARAMS]
+# the subject ends each prompt, so its δ reaches the target's prediction through the residual stream (a 3-layer
+# model with random attention carries almost nothing from earlier positions)
+FACTS = [("The capital city of France", "Rome", "France"),
+         ("The mother tongue of Danielle Darrieux", "English", "Danielle Darrieux"),
+         ("The home town of The Beatles", "Berlin", "The Beatles"),
+         ("The company founded by Apple", "Paris", "Apple")]
+
+
+def _model(tok):
+    """A tiny LLaMA whose (tied) embeddings are large enough for its logits to express a confident prediction
+    (at the default init they span ±0.3 over 49k tokens, so no δ can lower a target's NLL much)."""
+    model = tiny_llama(len(tok))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(50.0)
+    return model
+
+
+def _batches(tok, model, prefixes=()):
+    return values.encode_value_batches(tok, [p for p, _, _ in FACTS], [t for _, t, _ in FACTS],
+                                       [s for _, _, s in FACTS], list(prefixes), micro_batch=3, device="cpu")
+
+
+def _search(model, batches, **kw):
+    args = dict(steps=40, lr=0.5, weight_decay=1e-3, clamp=4.0, stop_nll=1e-3)
+    args.update(kw)
+    return values.optimise_values(model, batches, len(FACTS), 1, **args)
+
+
+def test_memit_layer_update_is_memits_formula_in_the_editor_layout():
+    g = torch.Generator().manual_seed(0)
+    K, R = torch.randn(5, 24, generator=g, dtype=torch.float64), torch.randn(5, 16, generator=g, dtype=torch.float64)
+    A = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    C0 = A @ A.T / 24 + 0.1 * torch.eye(24, dtype=torch.float64)
+    w = 0.7
+    dW = values.memit_layer_update(K, R, C0, w)
+    # MEMIT: W (out x in), keys as columns: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ with λ = w·n
+    Kc, Rc = K.T, R.T
+    memit = Rc @ Kc.T @ torch.linalg.inv(w * 5 * C0 + Kc @ Kc.T)
+    torch.testing.assert_close(dW, memit.T, rtol=1e-9, atol=1e-10)
+    # the regulariser's two ends: exact interpolation of the residuals (n < Dh), and no change at all
+    torch.testing.assert_close(K @ values.memit_layer_update(K, R, C0, 1e-12), R, rtol=1e-6, atol=1e-6)
+    assert values.memit_layer_update(K, R, C0, 1e12).abs().max() < 1e-9
+
+
+def test_value_search_fits_the_targets_and_finds_the_unedited_hidden_state(tok):
+    model = _model(tok)
+    batches = _batches(tok, model)
+    delta, h, info = _search(model, batches)
+    assert info["nll_end"] < 0.2 * info["nll_start"] and info["steps"] <= 40
+    # h is layer 1's output at each prompt's subject's last token in an ordinary forward pass
+    for vb in batches:
+        hs = model(input_ids=vb.mb.input_ids, attention_mask=vb.mb.attention_mask,
+                   output_hidden_states=True).hidden_states[2]
+        b, pos = vb.subject.nonzero(as_tuple=True)
+        torch.testing.assert_close(h[vb.request[b]], hs[b, pos].float(), rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the search
+
+
+def test_value_search_clamps_delta_and_stops_converged_requests(tok):
+    model = _model(tok)
+    batches = _batches(tok, model, prefixes=["It was a cold day. "])
+    delta, h, info = _search(model, batches, clamp=0.05, steps=5, stop_nll=1e-6)
+    ratio = delta.norm(dim=-1) / h.norm(dim=-1)
+    assert bool((ratio <= 0.05 + 1e-6).all()) and bool((ratio > 0.049).all())  # the clamp binds here
+    # every request already below the stopping NLL: no step is taken, δ stays 0
+    delta0, _, info0 = _search(model, batches, stop_nll=1e9)
+    assert info0["steps"] == 1 and info0["converged"] == len(FACTS) and delta0.abs().max() == 0
+
+
+def test_spread_values_reaches_z_and_leaves_the_model_unchanged(tok):
+    from easyedit_agrade.core.weights import apply_deltas, restore_weights
+
+    model = _model(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = _batches(tok, model)
+    delta, h, _ = _search(model, batches, steps=10)
+    C0 = {n: torch.eye(24, dtype=torch.float64) for n in MODULES}
+    deltas = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 1e-12)
+    assert set(deltas) == set(MODULES) and all(d.shape == (24, 16) for d in deltas.values())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    saved = apply_deltas(model, {n: d for n, d in deltas.items()})
+    try:
+        for vb in batches:  # with a vanishing C0 weight the last module fits the rest exactly: layer 1 emits z
+            hs = model(input_ids=vb.mb.input_ids, attention_mask=vb.mb.attention_mask,
+                       output_hidden_states=True).hidden_states[2]
+            b, pos = vb.subject.nonzero(as_tuple=True)
+            torch.testing.assert_close(hs[b, pos].float(), (h + delta)[vb.request[b]], rtol=1e-4, atol=1e-4)
+    finally:
+        restore_weights(model, saved)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_subject_missing_from_its_prompt_is_named(tok):
+    model = _model(tok)
+    with pytest.raises(ValueError, match=r"request 2: .*subject 'Paris'"):
+        values.encode_value_batches(tok, [p for p, _, _ in FACTS], [t for _, t, _ in FACTS],
+                                    ["France", "Danielle Darrieux", "Paris", "Apple"], [], micro_batch=2,
+                                    device="cpu")
+
+
+def _corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f" The {w} stands by the river north of the market . It was built in {1800 + i} "
+                                f"by the town council . " for i, w in enumerate(["mill", "tower", "chapel"] * 20)),
+                      encoding="utf-8")
+    return corpus
+
+
+def _hparams(tmp_path, **over):
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+
+    cfg = dict(alg_name="AGRADE", model_name="tiny", inner_params=PARAMS, rank=4, n_blocks=2, editor_dtype="float64",
+               batch_size=8, cache_batch_size=2, archive=None, value_source="optimized", value_steps=30,
+               value_prefixes=1, value_preserved_weight=0.5, preserved_corpus=str(_corpus(tmp_path)),
+               preserved_tokens=192, preserved_window=32, preserved_stats_dir=str(tmp_path / "stats"), max_length=32)
+    cfg.update(over)
+    return AGRADEHyperParams.from_dict(cfg)
+
+
+def _nll(model, tok, prompt, target):
+    ids = tok(prompt + " " + target, return_tensors="pt").input_ids
+    n = len(tok(prompt).input_ids)
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0, n - 1:-1].log_softmax(-1)
+    return float(-logp.gather(1, ids[0, n:, None]).mean())
+
+
+def test_executor_edits_with_optimized_values_without_an_archive_and_restores_exactly(tok, tmp_path):
+    from easyedit_agrade.core.weights import restore_weights
+    from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
+
+    model = _model(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    requests = [{"prompt": p, "target_new": t, "subject": s} for p, t, s in FACTS]
+    nll0 = [_nll(model, tok, p, t) for p, t, _ in FACTS]
+    # the tiny model's weights are ~0.02, so any real edit is many times ‖W‖: the size guard is off here
+    hp = _hparams(tmp_path, max_delta_ratio=None)
+    model, weights_copy = apply_agrade_to_model(model, tok, requests, hp, return_orig_weights=True)
+    assert sorted(weights_copy) == sorted(PARAMS)
+    nll1 = [_nll(model, tok, p, t) for p, t, _ in FACTS]
+    assert sum(nll1) < 0.5 * sum(nll0), (nll0, nll1)
+    restore_weights(model, weights_copy)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_executor_refuses_requests_without_subjects_and_leaves_the_model_untouched(tok, tmp_path):
+    from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
+
+    model = _model(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    requests = [{"prompt": p, "target_new": t, "subject": s} for p, t, s in FACTS]
+    requests[1] = {"prompt": FACTS[1][0], "target_new": FACTS[1][1]}
+    with pytest.raises(ValueError, match="request 1: value_source: optimized needs every request's subject"):
+        apply_agrade_to_model(model, tok, requests, _hparams(tmp_path))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("over, field", [
+    (dict(value_source="gradient"), "value_source"),
+    (dict(value_steps=0), "value_steps"),
+    (dict(value_prefixes=-1), "value_prefixes"),
+    (dict(value_lr=0.0), "value_lr"),
+    (dict(value_clamp=float("inf")), "value_clamp"),
+    (dict(value_preserved_weight=-1.0), "value_preserved_weight"),
+    (dict(value_weight_decay=-1e-3), "value_weight_decay"),
+    (dict(edit_rounds=2), "edit_rounds"),
+])
+def test_bad_value_settings_name_the_field(tmp_path, over, field):
+    with pytest.raises(HyperParamsError, match=field):
+        _hparams(tmp_path, **over)
+
+
+def test_value_layer_must_lie_below_the_last_decoder_layer(tok):
+    model = _model(tok)
+    batches = _batches(tok, model)
+    with pytest.raises(ValueError, match="below the model's last decoder layer"):
+        values.optimise_values(model, batches, len(FACTS), 2, steps=1, lr=0.5, weight_decay=0.0, clamp=4.0,
+                               stop_nll=0.05)
+
+
+def test_context_prefixes_are_sentences_of_the_corpus(tmp_path):
+    got = values.context_prefixes(_corpus(tmp_path), 3, seed=0)
+    assert len(got) == 3 and all(p.endswith(". ") and len(p.split()) >= 5 for p in got)
+    assert got == values.context_prefixes(_corpus(tmp_path), 3, seed=0)
+    with pytest.raises(ValueError, match="usable sentences"):
+        values.context_prefixes(_corpus(tmp_path), 10_000)
