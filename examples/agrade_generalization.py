@@ -29,32 +29,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 HPARAMS = "hparams/AGRADE/smollm2-135m"
+def context_prefixes(path, k: int, seed: int):
+    """``k`` short sentences of the statistics corpus (:func:`easyedit_agrade.models.agrade.values.context_prefixes`)."""
+    from easyedit_agrade.models.agrade.values import context_prefixes as prefixes
+
+    return prefixes(path, k, seed)
+
+
 SETS = {
     "cf-val": ("counterfact/counterfact-val.json", "counterfact", 0),
     "zsre-val": ("zsre/zsre_mend_train_10000.json", "zsre", 9000),
 }
-
-
-def context_prefixes(path: Path, k: int, seed: int, min_words: int = 5, max_words: int = 12) -> list[str]:
-    """``k`` short sentences of the WikiText file at ``path`` (no markup, no ``<unk>``), each ending with '. '."""
-    sentences = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        for s in line.split(" . "):
-            words = s.split()
-            if min_words <= len(words) <= max_words and "<unk>" not in s and "@" not in s and '"' not in s:
-                text = " ".join(words).replace(" ,", ",").replace(" 's", "'s").replace("( ", "(").replace(" )", ")")
-                sentences.append(text + ". ")
-    rng = random.Random(seed)
-    return rng.sample(sentences, k)
 
 
 def subject_token_positions(tok, prompt: str, subject: str | None, mode: str) -> list[int]:

@@ -85,3 +85,30 @@ def test_shipped_archive_found_without_editing_yaml(editor_and_hparams):
 
     path = find_archive(editor.model, AGRADEHyperParams.from_hparams(HPARAMS))
     assert path.parent.name == "archives" and path.is_relative_to(Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.slow
+def test_value_optimised_yaml_edits_through_base_editor():
+    """hparams/AGRADE/smollm2-135m-values.yaml (``value_source: optimized``, layers 3–7, no archive) through
+    EasyEdit's ``batch_edit`` with the requests' subjects: the edits take effect, and EasyEdit restores exactly."""
+    import easyedit_agrade
+    from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.tools.agrade_demo import locality_kwargs, summarize_easyedit_metrics
+
+    easyedit_agrade.register()
+    hp = AGRADEHyperParams.from_hparams("hparams/AGRADE/smollm2-135m-values")
+    assert hp.value_source == "optimized" and hp.archive is None
+    recs = _data()
+    with cuda_on_cpu():
+        editor = importlib.import_module("easyeditor").BaseEditor.from_hparams(hp)
+        before = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
+        metrics, model, weights_copy = editor.batch_edit(
+            prompts=[r.prompt for r in recs], target_new=[r.target_new for r in recs],
+            ground_truth=[r.ground_truth for r in recs], rephrase_prompts=[r.rephrase_prompt for r in recs],
+            subject=[r.subject for r in recs], keep_original_weight=True, verbose=False, **locality_kwargs(recs))
+    assert set(weights_copy) == set(hp.inner_params)
+    after = editor.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    s = summarize_easyedit_metrics(metrics)
+    assert s["es"] > s["pre_es"] + 0.5, s

@@ -112,6 +112,18 @@ def _take(vb: ValueBatch, keep: torch.Tensor, hidden: torch.Tensor) -> tuple[Val
     return ValueBatch(sub, vb.subject[idx], vb.request[idx.cpu()], vb.plain[idx.cpu()]), hidden[idx]
 
 
+def _prompt_nll(top: LayerStack, vb: ValueBatch, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B,) mean target NLL of each prompt of a value batch with its request's δ added at the subject's last token
+    of ``hidden`` (the state entering ``top``'s first layer); differentiable w.r.t. ``delta``."""
+    b, pos, req = _rows(vb)
+    add = torch.zeros_like(hidden)
+    add[b, pos] = delta[req.cpu()].to(device=hidden.device, dtype=hidden.dtype)
+    logits = top.upper(hidden + add, vb.mb.input_ids, vb.mb.attention_mask, vb.mb.predict_mask)
+    nll = F.cross_entropy(logits.float(), vb.mb.target_labels, reduction="none")
+    per = torch.zeros(len(vb.request), device=nll.device).index_add(0, vb.mb.predict_mask.nonzero()[:, 0], nll)
+    return per / vb.mb.predict_mask.sum(1).clamp_min(1)
+
+
 def optimise_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests: int, layer: int, *, steps: int,
                     lr: float, weight_decay: float, clamp: float, stop_nll: float
                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -148,14 +160,7 @@ def optimise_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests:
                 if not bool(keep.any()):
                     continue
                 sub, hs = (vb, hid) if bool(keep.all()) else _take(vb, keep.to(hid.device), hid)
-                b, pos, req = _rows(sub)
-                add = torch.zeros_like(hs)
-                add[b, pos] = delta[req.cpu()].to(device=hs.device, dtype=hs.dtype)
-                logits = top.upper(hs + add, sub.mb.input_ids, sub.mb.attention_mask, sub.mb.predict_mask)
-                nll = F.cross_entropy(logits.float(), sub.mb.target_labels, reduction="none")
-                row = sub.mb.predict_mask.nonzero()[:, 0]
-                per_prompt = torch.zeros(len(sub.request), device=nll.device).index_add(0, row, nll)
-                per_prompt = per_prompt / sub.mb.predict_mask.sum(1).clamp_min(1)
+                per_prompt = _prompt_nll(top, sub, hs, delta)
                 per_prompt.sum().backward()
                 nll_sum.index_add_(0, sub.request, per_prompt.detach().double().cpu())
                 n_prompts.index_add_(0, sub.request, torch.ones(len(sub.request), dtype=torch.float64))
@@ -189,15 +194,7 @@ def _mean_nll(top: LayerStack, batches, lowered, delta: torch.Tensor, n_requests
     nll_sum = torch.zeros(n_requests, dtype=torch.float64)
     count = torch.zeros(n_requests, dtype=torch.float64)
     for vb, hid in zip(batches, lowered):
-        b, pos, req = _rows(vb)
-        add = torch.zeros_like(hid)
-        add[b, pos] = delta[req.cpu()].to(device=hid.device, dtype=hid.dtype)
-        logits = top.upper(hid + add, vb.mb.input_ids, vb.mb.attention_mask, vb.mb.predict_mask)
-        nll = F.cross_entropy(logits.float(), vb.mb.target_labels, reduction="none")
-        row = vb.mb.predict_mask.nonzero()[:, 0]
-        per = torch.zeros(len(vb.request), device=nll.device).index_add(0, row, nll)
-        per = per / vb.mb.predict_mask.sum(1).clamp_min(1)
-        nll_sum.index_add_(0, vb.request, per.double().cpu())
+        nll_sum.index_add_(0, vb.request, _prompt_nll(top, vb, hid, delta).double().cpu())
         count.index_add_(0, vb.request, torch.ones(len(vb.request), dtype=torch.float64))
     return float((nll_sum / count.clamp_min(1)).mean())
 
