@@ -41,12 +41,16 @@ class EditReport:
     #: model as the call got it (None: guard off), and per chunk the step each solved round's ΔW was scaled by
     heldout_ppl_ratio: float | None = None
     guard_steps: list[list[float]] = field(default_factory=list)
+    #: AGRADE's ``value_source: optimized``: per chunk, the value search (steps, mean target NLL before/after,
+    #: requests that reached the stopping NLL)
+    value_search: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"alg_name": self.alg_name, "n_requests": self.n_requests, "chunks": self.chunks,
                 "delta_ratio": dict(self.delta_ratio), "suppressed_rows": dict(self.suppressed_rows),
                 "total_rows": self.total_rows, "heldout_ppl_ratio": self.heldout_ppl_ratio,
-                "guard_steps": [list(s) for s in self.guard_steps]}
+                "guard_steps": [list(s) for s in self.guard_steps],
+                "value_search": [dict(v) for v in self.value_search]}
 
 
 class EditedWeights(dict):

@@ -151,6 +151,9 @@ def test_executor_edits_with_optimized_values_without_an_archive_and_restores_ex
     hp = _hparams(tmp_path, max_delta_ratio=None)
     model, weights_copy = apply_agrade_to_model(model, tok, requests, hp, return_orig_weights=True)
     assert sorted(weights_copy) == sorted(PARAMS)
+    (search,) = weights_copy.report.to_dict()["value_search"]  # what the value search did, in the call's report
+    assert search["n_requests"] == len(FACTS) and 1 <= search["steps"] <= 30
+    assert search["nll_end"] < search["nll_start"] and 0 <= search["converged"] <= len(FACTS)
     nll1 = [_nll(model, tok, p, t) for p, t, _ in FACTS]
     assert sum(nll1) < 0.5 * sum(nll0), (nll0, nll1)
     restore_weights(model, weights_copy)

@@ -77,6 +77,8 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
                                    subjects=[r.subject for r in chunk])
         note_suppressed(editor, report)  # warns when the outlier guards left nothing to edit
         note_heldout(result.rounds, report)  # the perplexity guard (the editor warned if it scaled a round)
+        if result.values:
+            report.value_search.append(dict(result.values, n_requests=len(chunk)))
         return result.deltas
 
     warn_sequential_chunks(len(records), int(hparams.batch_size))
