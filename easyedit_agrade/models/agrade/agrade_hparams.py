@@ -175,6 +175,10 @@ class AGRADEHyperParams(EditorHyperParams):
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
 
+    def uses_value_search(self) -> bool:
+        """Whether eq 5's G comes from the edit-time value search (``value_source: optimized``), not the network."""
+        return self.value_source == "optimized"
+
     def uses_preserved_keys(self) -> bool:
         """Whether eq 3 uses C₀'s statistics (the e^μ C₀ term, the null-space restriction, or both)."""
         return bool(self.use_preserved_cov or self.null_space)

@@ -62,7 +62,7 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     from ...distributed.collective import get_collective
 
     coll = collective if collective is not None else get_collective()
-    if nets is None and getattr(hparams, "value_source", "hypernet") == "optimized":
+    if nets is None and hparams.uses_value_search():
         nets = build_networks(model, hparams)  # the edit-time value search uses no trained network
     elif nets is None:
         nets, _ = _networks_for(model, hparams)

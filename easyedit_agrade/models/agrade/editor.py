@@ -346,7 +346,7 @@ class AGRADEEditor(HypernetEditor):
     @property
     def optimized_values(self) -> bool:
         """Whether G comes from the edit-time value search (``value_source: optimized``) instead of the network."""
-        return getattr(self.hparams, "value_source", "hypernet") == "optimized"
+        return bool(getattr(self.hparams, "uses_value_search", lambda: False)())
 
     def edit_with_values(self, prompts: Sequence[str], targets: Sequence[str], subjects: Sequence[str | None] | None,
                          collective: Collective | None = None) -> EditResult:

@@ -130,11 +130,12 @@ def optimise_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests:
     """(δ, h, info): δ (n, d) added at the output of decoder layer ``layer`` at each request's subject's last token
     that makes the model predict the targets (module docstring, step 1); h (n, d) the unchanged hidden state there
     for each request's own prompt; info = {"steps", "nll_start", "nll_end", "converged"}."""
-    _, layers = find_decoder_layers(model)
+    path, layers = find_decoder_layers(model)
     if layer + 1 >= len(layers):
         raise ValueError(f"value_source: optimized needs the last edited layer ({layer}) below the model's last "
                          f"decoder layer ({len(layers) - 1})")
-    top = LayerStack(model, [_any_param_name(model, layers, layer + 1)])
+    first_param = next(name for name, _ in layers[layer + 1].named_parameters())
+    top = LayerStack(model, [f"{path}.{layer + 1}.{first_param}"])  # starts at the input of layer + 1
     lowered = [top.lower(vb.mb.input_ids, vb.mb.attention_mask) for vb in batches]
     d = lowered[0].shape[-1]
     h = torch.zeros(n_requests, d, dtype=torch.float32)
@@ -197,16 +198,6 @@ def _mean_nll(top: LayerStack, batches, lowered, delta: torch.Tensor, n_requests
         nll_sum.index_add_(0, vb.request, _prompt_nll(top, vb, hid, delta).double().cpu())
         count.index_add_(0, vb.request, torch.ones(len(vb.request), dtype=torch.float64))
     return float((nll_sum / count.clamp_min(1)).mean())
-
-
-def _any_param_name(model: nn.Module, layers: nn.ModuleList, index: int) -> str:
-    """A parameter name inside decoder layer ``index`` (for a :class:`LayerStack` starting there)."""
-    for name, mod in model.named_modules():
-        if mod is layers[index]:
-            for pname, _ in mod.named_parameters():
-                if pname.endswith(".weight") and "." in pname:
-                    return f"{name}.{pname}"
-    raise ValueError(f"decoder layer {index} has no weights")
 
 
 def memit_layer_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, weight: float) -> torch.Tensor:
