@@ -124,7 +124,7 @@ class AGRADEHyperParams(EditorHyperParams):
     value_clamp: float = 4.0
     value_stop_nll: float = 0.05
     value_prefixes: int = 2
-    value_preserved_weight: float = 100.0
+    value_preserved_weight: float = 10.0
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
