@@ -1,5 +1,6 @@
 """Choosing ``value_source: optimized``'s settings on validation records: one value search per set and N, then the
-spread over the edited modules for every ``value_preserved_weight`` (λ) asked for (issue 15, item 3).
+spread over the edited modules for every ``value_preserved_weight`` (λ) and ``value_sweeps`` asked for (issue 15,
+item 3).
 
 ``docs/agrade_generalization.md`` (§1–5) found that at AGRADE's edit site (layers 24–29, target rows) a
 CounterFact paraphrase only gets the part of the edit its last-token key shares with the edit prompt's, and that
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="3-7")
     p.add_argument("--lambdas", nargs="+", type=float, default=[1.0, 4.0, 16.0],
                    help="weight of C0 per edit: M = KᵀK + λ·N·C₀")
+    p.add_argument("--sweeps", nargs="+", type=int, default=[1],
+                   help="passes of the spread over the modules (value_sweeps); every λ is solved with each")
     p.add_argument("--prefixes", type=int, default=0, help="context prefixes per prompt (wiki.valid sentences)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--lr", type=float, default=0.5)
@@ -116,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                                                     stop_nll=args.stop_nll)
             t_z = time.perf_counter() - t0
             print(f"[{set_name} N={len(recs)}] value search: {info} in {t_z:.0f}s", flush=True)
-            for lam in args.lambdas:
+            for lam, sweeps in [(lam, s) for lam in args.lambdas for s in args.sweeps]:
                 t1 = time.perf_counter()
                 deltas = values.spread_values(model, batches, len(recs), editor.stack.module_names,
-                                              editor.stack.layers[last], h + delta, C0, lam)
+                                              editor.stack.layers[last], h + delta, C0, lam, sweeps=sweeps)
                 t_w = time.perf_counter() - t1
                 saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
                 try:
-                    row = {"set": set_name, "n": len(recs), "lambda": lam, "prefixes": args.prefixes,
+                    row = {"set": set_name, "n": len(recs), "lambda": lam, "sweeps": sweeps, "prefixes": args.prefixes,
                            "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
                            "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
                            "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     restore_weights(model, saved)
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
                 results["rows"].append(row)
-                print(f"[{set_name} N={len(recs)} λ={lam:g}] ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f}"
+                print(f"[{set_name} N={len(recs)} λ={lam:g} sweeps={sweeps}] ES {row['es']:.3f} GS {row['gs']:.3f} "
+                      f"LS {row['ls']:.3f}"
                       f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
                       f"{row['max_dw_ratio']:.3f} (search {t_z:.0f}s, spread {t_w:.0f}s)", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

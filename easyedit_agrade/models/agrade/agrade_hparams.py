@@ -115,8 +115,9 @@ class AGRADEHyperParams(EditorHyperParams):
     #: layer's output, subject's last token; ``value_steps`` Adam steps of ``value_lr``, weight decay
     #: ``value_weight_decay``·‖δ‖²/‖h‖², ‖δ‖ ≤ ``value_clamp``·‖h‖, a request stops at mean target NLL
     #: ``value_stop_nll``; over its prompt and ``value_prefixes`` context-prefixed copies), then spread over the
-    #: edited modules with ΔW = (KᵀK + ``value_preserved_weight``·n·C₀)⁻¹KᵀR on the subjects' keys. No archive is
-    #: used. models/agrade/values.py, docs/agrade.md *Value-optimised edits*
+    #: edited modules with ΔW = (KᵀK + ``value_preserved_weight``·n·C₀)⁻¹KᵀR on the subjects' keys, in
+    #: ``value_sweeps`` passes over the modules (each later pass re-solves a module for its own change plus its share
+    #: of what is still unmet). No archive is used. models/agrade/values.py, docs/agrade.md *Value-optimised edits*
     value_source: Literal["hypernet", "optimized"] = "hypernet"
     value_steps: int = 25
     value_lr: float = 0.5
@@ -125,6 +126,7 @@ class AGRADEHyperParams(EditorHyperParams):
     value_stop_nll: float = 0.05
     value_prefixes: int = 2
     value_preserved_weight: float = 10.0
+    value_sweeps: int = 1
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
@@ -158,10 +160,10 @@ class AGRADEHyperParams(EditorHyperParams):
             raise HyperParamsError(f"heldout_search_steps must be an integer in [0, 20], got {self.heldout_search_steps!r}")
         if self.value_source not in ("hypernet", "optimized"):
             raise HyperParamsError(f"value_source must be 'hypernet' or 'optimized', got {self.value_source!r}")
-        for key in ("value_steps", "value_prefixes"):
+        for key, least in (("value_steps", 1), ("value_prefixes", 0), ("value_sweeps", 1)):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "value_steps" else 0):
-                raise HyperParamsError(f"{key} must be an integer >= {1 if key == 'value_steps' else 0}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise HyperParamsError(f"{key} must be an integer >= {least}, got {v!r}")
         for key in ("value_lr", "value_clamp", "value_stop_nll", "value_preserved_weight"):
             if not (math.isfinite(float(getattr(self, key))) and float(getattr(self, key)) > 0):
                 raise HyperParamsError(f"{key} must be a finite number > 0, got {getattr(self, key)!r}")

@@ -371,7 +371,7 @@ class AGRADEEditor(HypernetEditor):
             weight_decay=float(hp.value_weight_decay), clamp=float(hp.value_clamp), stop_nll=float(hp.value_stop_nll))
         deltas = values.spread_values(self.model, batches, len(prompts), self.stack.module_names,
                                       self.stack.layers[last], h + delta, self.second_moments or {},
-                                      float(hp.value_preserved_weight))
+                                      float(hp.value_preserved_weight), sweeps=int(hp.value_sweeps))
         dtype = self.dtype
         return EditResult(deltas={n: d.to(dtype) for n, d in deltas.items()}, cache_loss=float(info["nll_start"]),
                           n_tokens=sum(int(vb.mb.predict_mask[vb.plain.to(self.device)].sum()) for vb in batches),

@@ -16,7 +16,8 @@ solved with the preserved-knowledge system of eq 3/5:
    ``stop_nll`` stops (MEMIT's early stop) and leaves the passes.
 2. :func:`spread_values` — for each edited module l in layer order, with the keys Kₗ at the subject's last token
    (averaged over the prompt's copies) and the residual still missing at layer L, Rₗ = (zᵢ − h_L,i)/(modules left),
-   taken on the model with the earlier modules' ΔW added: :func:`memit_layer_update`.
+   taken on the model with the earlier modules' ΔW added: :func:`memit_layer_update`. ``value_sweeps`` > 1
+   repeats this pass, each module re-solved for its own current change plus its share of what is still missing.
 
 The model is unchanged when this returns (ΔW of earlier modules is added through temporary fp32 hooks).
 """
@@ -252,14 +253,22 @@ def _keys_and_outputs(model: nn.Module, batches: Sequence[ValueBatch], n_request
 
 
 def spread_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests: int, module_names: Sequence[str],
-                  out_layer: nn.Module, z: torch.Tensor, second_moments: dict[str, torch.Tensor], weight: float
-                  ) -> dict[str, torch.Tensor]:
+                  out_layer: nn.Module, z: torch.Tensor, second_moments: dict[str, torch.Tensor], weight: float,
+                  sweeps: int = 1) -> dict[str, torch.Tensor]:
     """ΔW per edited module (editor layout, fp64), module by module in layer order (module docstring, step 2);
-    each module's keys and the residual are taken with the earlier modules' ΔW added (temporary hooks)."""
+    each module's keys and the residual are taken with every other module's current ΔW added (temporary hooks).
+    ``sweeps`` > 1 repeats the pass: a module's target is then its own current output change plus its share of the
+    residual still missing, KₗΔWₗ + Rₗ, so each re-solve replaces its ΔW (block coordinate descent on the
+    modules' ridge problems) and the residual the first pass left moves into the modules that can still take it."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 1:
+        raise ValueError(f"sweeps must be an integer >= 1, got {sweeps!r}")
     deltas: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(module_names):
-        with added_deltas(model, deltas):
-            K, cur = _keys_and_outputs(model, batches, n_requests, get_module(model, name), out_layer)
-        R = (z.double() - cur) / (len(module_names) - i)
-        deltas[name] = memit_layer_update(K, R, second_moments[name], weight)
+    for _ in range(sweeps):
+        for i, name in enumerate(module_names):
+            with added_deltas(model, deltas):
+                K, cur = _keys_and_outputs(model, batches, n_requests, get_module(model, name), out_layer)
+            R = (z.double() - cur) / (len(module_names) - i)
+            if name in deltas:
+                R = R + K @ deltas[name]
+            deltas[name] = memit_layer_update(K, R, second_moments[name], weight)
     return deltas
