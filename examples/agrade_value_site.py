@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 deltas = values.spread_values(model, batches, len(recs), editor.stack.module_names,
                                               editor.stack.layers[last], h + delta, C0, lam, sweeps=sweeps)
                 t_w = time.perf_counter() - t1
+                met = values.met_share(model, batches, len(recs), editor.stack.module_names, editor.stack.layers[last],
+                                       h + delta, h, deltas).float()
                 saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
                 try:
                     row = {"set": set_name, "n": len(recs), "lambda": lam, "sweeps": sweeps, "prefixes": args.prefixes,
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                            "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
                            "max_dw_ratio": max(float(d.norm() / saved[k + ".weight"].double().norm())
                                                for k, d in deltas.items()),
+                           "met_median": float(met.median()), "met_q10": float(torch.quantile(met, 0.1)),
                            "search": info, "z_seconds": t_z, "solve_seconds": t_w}
                 finally:
                     restore_weights(model, saved)
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{set_name} N={len(recs)} λ={lam:g} sweeps={sweeps}] ES {row['es']:.3f} GS {row['gs']:.3f} "
                       f"LS {row['ls']:.3f}"
                       f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
-                      f"{row['max_dw_ratio']:.3f} (search {t_z:.0f}s, spread {t_w:.0f}s)", flush=True)
+                      f"{row['max_dw_ratio']:.3f} value met (median) {row['met_median']:.2f} "
+                      f"(search {t_z:.0f}s, spread {t_w:.0f}s)", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

@@ -91,6 +91,10 @@ def test_spread_values_reaches_z_and_leaves_the_model_unchanged(tok):
     C0 = {n: torch.eye(24, dtype=torch.float64) for n in MODULES}
     deltas = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 1e-12)
     assert set(deltas) == set(MODULES) and all(d.shape == (24, 16) for d in deltas.values())
+    met = values.met_share(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, h, deltas)
+    torch.testing.assert_close(met, torch.ones_like(met), rtol=0, atol=1e-4)  # every value placed ...
+    none = values.met_share(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, h, {})
+    torch.testing.assert_close(none, torch.zeros_like(none), rtol=0, atol=1e-5)  # ... and none without ΔW
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     saved = apply_deltas(model, {n: d for n, d in deltas.items()})
     try:
@@ -106,12 +110,7 @@ def test_spread_values_reaches_z_and_leaves_the_model_unchanged(tok):
 
 def _remaining(model, batches, deltas, z, h):
     """‖z − h′‖ / ‖z − h‖ per request: the share of each value the ΔW leave unmet at layer 1's output."""
-    from easyedit_agrade.core.weights import added_deltas
-
-    with added_deltas(model, deltas):
-        _, cur = values._keys_and_outputs(model, batches, len(FACTS), model.model.layers[1].mlp.down_proj,
-                                          model.model.layers[1])
-    return (z.double() - cur).norm(dim=-1) / (z.double() - h.double()).norm(dim=-1)
+    return 1 - values.met_share(model, batches, len(FACTS), MODULES, model.model.layers[1], z, h, deltas)
 
 
 def test_spread_sweeps_move_the_unmet_residual_into_the_modules(tok):
@@ -189,6 +188,7 @@ def test_executor_edits_with_optimized_values_without_an_archive_and_restores_ex
     (search,) = weights_copy.report.to_dict()["value_search"]  # what the value search did, in the call's report
     assert search["n_requests"] == len(FACTS) and 1 <= search["steps"] <= 30
     assert search["nll_end"] < search["nll_start"] and 0 <= search["converged"] <= len(FACTS)
+    assert 0.2 < search["met_q10"] <= search["met_median"] <= 1.0 + 1e-6  # the share of the values the ΔW place
     nll1 = [_nll(model, tok, p, t) for p, t, _ in FACTS]
     assert sum(nll1) < 0.5 * sum(nll0), (nll0, nll1)
     restore_weights(model, weights_copy)

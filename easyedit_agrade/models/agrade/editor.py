@@ -372,6 +372,9 @@ class AGRADEEditor(HypernetEditor):
         deltas = values.spread_values(self.model, batches, len(prompts), self.stack.module_names,
                                       self.stack.layers[last], h + delta, self.second_moments or {},
                                       float(hp.value_preserved_weight), sweeps=int(hp.value_sweeps))
+        met = values.met_share(self.model, batches, len(prompts), self.stack.module_names, self.stack.layers[last],
+                               h + delta, h, deltas).float()
+        info = dict(info, met_median=float(met.median()), met_q10=float(torch.quantile(met, 0.1)))
         dtype = self.dtype
         return EditResult(deltas={n: d.to(dtype) for n, d in deltas.items()}, cache_loss=float(info["nll_start"]),
                           n_tokens=sum(int(vb.mb.predict_mask[vb.plain.to(self.device)].sum()) for vb in batches),

@@ -272,3 +272,16 @@ def spread_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests: i
                 R = R + K @ deltas[name]
             deltas[name] = memit_layer_update(K, R, second_moments[name], weight)
     return deltas
+
+
+@torch.no_grad()
+def met_share(model: nn.Module, batches: Sequence[ValueBatch], n_requests: int, module_names: Sequence[str],
+              out_layer: nn.Module, z: torch.Tensor, h: torch.Tensor, deltas: dict[str, torch.Tensor]
+              ) -> torch.Tensor:
+    """(n,) fp64: 1 − ‖zᵢ − h′ᵢ‖/‖zᵢ − hᵢ‖ per request — the share of its value the ΔW place at ``out_layer``'s
+    output for its own prompt (h′ with ``deltas`` added; 1: z reached, 0: no closer than the unedited h, < 0:
+    further away)."""
+    with added_deltas(model, deltas):
+        _, cur = _keys_and_outputs(model, batches, n_requests, get_module(model, module_names[-1]), out_layer)
+    need = (z.double() - h.double()).norm(dim=-1).clamp_min(1e-12)
+    return 1 - (z.double() - cur).norm(dim=-1) / need
