@@ -32,6 +32,12 @@ def test_loads_shipped_files_and_appends_yaml():
     assert ie.alg_name == "InstructEdit"
 
 
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "hparams" / "AGRADE").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_agrade_yaml_loads_and_validates(path):
+    hp = AGRADEHyperParams.from_hparams(str(path)[: -len(".yaml")])
+    assert hp.alg_name == "AGRADE" and hp.inner_params
+
+
 def test_scientific_notation_strings_become_floats(tmp_path):
     cfg = _base()
     cfg["eta_init"] = "1e-4"  # YAML 1.1 reads an unquoted 1e-4 as this string
