@@ -195,6 +195,20 @@ def test_executor_edits_with_optimized_values_without_an_archive_and_restores_ex
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_solve_that_places_little_of_the_values_warns(tok, tmp_path):
+    from easyedit_agrade.core.weights import restore_weights
+    from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
+
+    model = _model(tok)
+    requests = [{"prompt": p, "target_new": t, "subject": s} for p, t, s in FACTS]
+    hp = _hparams(tmp_path, max_delta_ratio=None, value_preserved_weight=1e4)  # C₀ outweighs the edits
+    with pytest.warns(RuntimeWarning, match=r"placed a median 0\.\d\d of the 4 values at layer 1's output"):
+        model, weights_copy = apply_agrade_to_model(model, tok, requests, hp, return_orig_weights=True)
+    (search,) = weights_copy.report.to_dict()["value_search"]
+    assert search["met_median"] < 0.5
+    restore_weights(model, weights_copy)
+
+
 def test_executor_refuses_requests_without_subjects_and_leaves_the_model_untouched(tok, tmp_path):
     from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
 

@@ -70,11 +70,15 @@ class EditResult:
     #: after it (``step``, ``heldout_ppl_ratio``)
     rounds: list[dict] = field(default_factory=list)
     #: with ``value_source: optimized``: the value search (steps, mean target NLL before/after, converged requests)
+    #: and the share of the values the solve placed (``met_median``, ``met_q10``: :func:`.values.met_share`)
     values: dict = field(default_factory=dict)
 
 
 #: at most this many +1 steps of log μ under ``preserved_change_budget`` (e^16 ≈ 9·10⁶ times the learned μ)
 MU_BUDGET_STEPS = 16
+#: ``value_source: optimized`` warns when its solve places less than this median share of the values (one pass at
+#: ~2,000 CounterFact edits places 0.53–0.58 and leaves a third of the edits untaken; 256 edits place most of each)
+LOW_MET_SHARE = 0.5
 
 
 class PreservedChangeError(RuntimeError):
@@ -375,6 +379,13 @@ class AGRADEEditor(HypernetEditor):
         met = values.met_share(self.model, batches, len(prompts), self.stack.module_names, self.stack.layers[last],
                                h + delta, h, deltas).float()
         info = dict(info, met_median=float(met.median()), met_q10=float(torch.quantile(met, 0.1)))
+        if info["met_median"] < LOW_MET_SHARE:
+            warnings.warn(f"AGRADE: the value solve placed a median {info['met_median']:.2f} of the {len(prompts)} "
+                          f"values at layer {last}'s output (value_preserved_weight {float(hp.value_preserved_weight):g}"
+                          f", value_sweeps {int(hp.value_sweeps)}); many of these edits will not take. More "
+                          f"value_sweeps, a lower value_preserved_weight (more damage to ordinary text) or smaller "
+                          f"batches place more (docs/agrade_scaling.md, 'Spread sweeps')", RuntimeWarning,
+                          stacklevel=3)
         dtype = self.dtype
         return EditResult(deltas={n: d.to(dtype) for n, d in deltas.items()}, cache_loss=float(info["nll_start"]),
                           n_tokens=sum(int(vb.mb.predict_mask[vb.plain.to(self.device)].sum()) for vb in batches),
