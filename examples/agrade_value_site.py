@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 deltas = values.spread_values(model, batches, len(recs), editor.stack.module_names,
                                               editor.stack.layers[last], h + delta, C0, lam, sweeps=sweeps)
                 t_w = time.perf_counter() - t1
-                met = values.met_share(model, batches, len(recs), editor.stack.module_names, editor.stack.layers[last],
-                                       h + delta, h, deltas).float()
+                met = values.met_summary(values.met_share(model, batches, len(recs), editor.stack.module_names,
+                                                          editor.stack.layers[last], h + delta, h, deltas))
                 saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
                 try:
                     row = {"set": set_name, "n": len(recs), "lambda": lam, "sweeps": sweeps, "prefixes": args.prefixes,
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                            "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
                            "max_dw_ratio": max(float(d.norm() / saved[k + ".weight"].double().norm())
                                                for k, d in deltas.items()),
-                           "met_median": float(met.median()), "met_q10": float(torch.quantile(met, 0.1)),
-                           "search": info, "z_seconds": t_z, "solve_seconds": t_w}
+                           **met, "search": info, "z_seconds": t_z, "solve_seconds": t_w}
                 finally:
                     restore_weights(model, saved)
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])

@@ -376,9 +376,9 @@ class AGRADEEditor(HypernetEditor):
         deltas = values.spread_values(self.model, batches, len(prompts), self.stack.module_names,
                                       self.stack.layers[last], h + delta, self.second_moments or {},
                                       float(hp.value_preserved_weight), sweeps=int(hp.value_sweeps))
-        met = values.met_share(self.model, batches, len(prompts), self.stack.module_names, self.stack.layers[last],
-                               h + delta, h, deltas).float()
-        info = dict(info, met_median=float(met.median()), met_q10=float(torch.quantile(met, 0.1)))
+        info = dict(info, **values.met_summary(values.met_share(self.model, batches, len(prompts),
+                                                               self.stack.module_names, self.stack.layers[last],
+                                                               h + delta, h, deltas)))
         if info["met_median"] < LOW_MET_SHARE:
             warnings.warn(f"AGRADE: the value solve placed a median {info['met_median']:.2f} of the {len(prompts)} "
                           f"values at layer {last}'s output (value_preserved_weight {float(hp.value_preserved_weight):g}"

@@ -285,3 +285,9 @@ def met_share(model: nn.Module, batches: Sequence[ValueBatch], n_requests: int, 
         _, cur = _keys_and_outputs(model, batches, n_requests, get_module(model, module_names[-1]), out_layer)
     need = (z.double() - h.double()).norm(dim=-1).clamp_min(1e-12)
     return 1 - (z.double() - cur).norm(dim=-1) / need
+
+
+def met_summary(met: torch.Tensor) -> dict[str, float]:
+    """{"met_median", "met_q10"} of :func:`met_share`'s per-request shares (the edit report's fields)."""
+    met = met.float()
+    return {"met_median": float(met.median()), "met_q10": float(torch.quantile(met, 0.1))}
