@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                            "ppl": float(perplexity(model, windows)),
                            "preserved_change": preserved_output_change(model, stats, result.deltas),
                            "rounds": result.rounds,
+                           # value_source: optimized: the search's steps/NLL/converged and the placed share
+                           "value_search": dict(result.values) or None,
                            "delta_ratio": {k: float(d.norm() / weights_copy[k + ".weight"].float().norm())
                                            for k, d in result.deltas.items()} if weights_copy else None,
                            "generation": generation_checks(model, tok, recs, args)}
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen = row["generation"]
                 gen_text = (f" | gen ES {gen['rewrite']['prefix']:.3f} {gen['examples']['rewrite'][0]['generation']!r}"
                             if gen else "")
+                gen_text += f" | value search {value_search_text(row['value_search'])}" if row["value_search"] else ""
                 print(f"[{set_name} N={n}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
                       f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
                       f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s{gen_text}", flush=True)
@@ -234,15 +237,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def value_search_text(info: dict) -> str:
+    """One cell: the value search's steps, converged requests, mean target NLL and the placed share of the values."""
+    parts = [f"{info.get('steps', '?')} steps"]
+    if info.get("converged") is not None:
+        parts.append(f"{info['converged']} converged")
+    if info.get("nll_start") is not None and info.get("nll_end") is not None:
+        parts.append(f"NLL {info['nll_start']:.2f}→{info['nll_end']:.2f}")
+    if info.get("met_median") is not None:
+        parts.append(f"met {info['met_median']:.2f} (q10 {info.get('met_q10', float('nan')):.2f})")
+    return ", ".join(parts)
+
+
 def markdown(results: dict) -> str:
     lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
              "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
     lines.append("| set | N | editor | ES | GS | LS | Score | portability | ppl (× unedited) | edit s | edits/s | "
-                 "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB | rounds |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB | rounds | value search |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 11)
+            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 12)
             continue
         port = "–" if r.get("portability") is None else f"{r['portability']:.3f}"
         ratio = "–" if not r.get("delta_ratio") else f"{max(r['delta_ratio'].values()):.3f}"
@@ -253,7 +268,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
                      f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
                      f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | {change} | "
-                     f"{r.get('peak_rss_mb', 0):.0f} | {solved} |")
+                     f"{r.get('peak_rss_mb', 0):.0f} | {solved} | "
+                     f"{value_search_text(r['value_search']) if r.get('value_search') else '–'} |")
     gens = [r for r in results["rows"] if r.get("generation")]
     if gens:
         lines += ["", "Generation-based checks (greedy, first edited records; prefix = the generation starts with the new "
