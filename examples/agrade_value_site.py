@@ -1,6 +1,6 @@
 """Choosing ``value_source: optimized``'s settings on validation records: one value search per set and N, then the
-spread over the edited modules for every ``value_preserved_weight`` (λ) and ``value_sweeps`` asked for (issue 15,
-item 3).
+spread over the edited modules for every C₀ weight — ``value_preserved_weight`` per edit (``--lambdas``, λ = w·N) or
+``value_preserved_keys`` (``--preserved-keys``, λ constant) — and ``value_sweeps`` asked for (issue 15, item 3).
 
 ``docs/agrade_generalization.md`` (§1–5) found that at AGRADE's edit site (layers 24–29, target rows) a
 CounterFact paraphrase only gets the part of the edit its last-token key shares with the edit prompt's, and that
@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", nargs="+", default=["cf-val"], choices=list(SETS))
     p.add_argument("--n", nargs="+", type=int, default=[256])
     p.add_argument("--layers", default="3-7")
-    p.add_argument("--lambdas", nargs="+", type=float, default=[1.0, 4.0, 16.0],
-                   help="weight of C0 per edit: M = KᵀK + λ·N·C₀")
+    p.add_argument("--lambdas", nargs="+", type=float, default=[],
+                   help="value_preserved_weight, C₀'s weight per edit: M = KᵀK + w·N·C₀")
+    p.add_argument("--preserved-keys", nargs="+", type=float, default=[],
+                   help="value_preserved_keys, a constant weight of C₀ (MEMIT's mom2_update_weight): M = KᵀK + λ·C₀")
     p.add_argument("--sweeps", nargs="+", type=int, default=[1],
                    help="passes of the spread over the modules (value_sweeps); every λ is solved with each")
     p.add_argument("--prefixes", type=int, default=0, help="context prefixes per prompt (wiki.valid sentences)")
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/agrade_value_site.json")
     args = p.parse_args(argv)
+    weights = [("value_preserved_weight", w) for w in args.lambdas] + [("value_preserved_keys", k)
+                                                                        for k in args.preserved_keys]
+    if not weights:
+        p.error("give --lambdas and/or --preserved-keys")
 
     import torch
 
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     stop_nll=args.stop_nll)
             t_z = time.perf_counter() - t0
             print(f"[{set_name} N={len(recs)}] value search: {info} in {t_z:.0f}s", flush=True)
-            for lam, sweeps in [(lam, s) for lam in args.lambdas for s in args.sweeps]:
+            for (field, w), sweeps in [(w, s) for w in weights for s in args.sweeps]:
+                lam = values.preserved_c0_weight(len(recs), **{("keys" if field.endswith("keys") else "per_edit"): w})
                 t1 = time.perf_counter()
                 deltas = values.spread_values(model, batches, len(recs), editor.stack.module_names,
                                               editor.stack.layers[last], h + delta, C0, lam, sweeps=sweeps)
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           editor.stack.layers[last], h + delta, h, deltas))
                 saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
                 try:
-                    row = {"set": set_name, "n": len(recs), "lambda": lam, "sweeps": sweeps, "prefixes": args.prefixes,
+                    row = {"set": set_name, "n": len(recs), field: w, "c0_weight": lam, "sweeps": sweeps,
+                           "prefixes": args.prefixes,
                            "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
                            "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
                            "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     restore_weights(model, saved)
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
                 results["rows"].append(row)
-                print(f"[{set_name} N={len(recs)} λ={lam:g} sweeps={sweeps}] ES {row['es']:.3f} GS {row['gs']:.3f} "
+                print(f"[{set_name} N={len(recs)} {field}={w:g} (λ {lam:g}) sweeps={sweeps}] ES {row['es']:.3f} GS {row['gs']:.3f} "
                       f"LS {row['ls']:.3f}"
                       f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
                       f"{row['max_dw_ratio']:.3f} value met (median) {row['met_median']:.2f} "

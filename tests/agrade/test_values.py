@@ -45,11 +45,11 @@ def test_memit_layer_update_is_memits_formula_in_the_editor_layout():
     K, R = torch.randn(5, 24, generator=g, dtype=torch.float64), torch.randn(5, 16, generator=g, dtype=torch.float64)
     A = torch.randn(24, 24, generator=g, dtype=torch.float64)
     C0 = A @ A.T / 24 + 0.1 * torch.eye(24, dtype=torch.float64)
-    w = 0.7
-    dW = values.memit_layer_update(K, R, C0, w)
-    # MEMIT: W (out x in), keys as columns: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ with λ = w·n
+    lam = 3.5
+    dW = values.memit_layer_update(K, R, C0, lam)
+    # MEMIT: W (out x in), keys as columns: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹
     Kc, Rc = K.T, R.T
-    memit = Rc @ Kc.T @ torch.linalg.inv(w * 5 * C0 + Kc @ Kc.T)
+    memit = Rc @ Kc.T @ torch.linalg.inv(lam * C0 + Kc @ Kc.T)
     torch.testing.assert_close(dW, memit.T, rtol=1e-9, atol=1e-10)
     # the regulariser's two ends: exact interpolation of the residuals (n < Dh), and no change at all
     torch.testing.assert_close(K @ values.memit_layer_update(K, R, C0, 1e-12), R, rtol=1e-6, atol=1e-6)
@@ -89,7 +89,7 @@ def test_spread_values_reaches_z_and_leaves_the_model_unchanged(tok):
     batches = _batches(tok, model)
     delta, h, _ = _search(model, batches, steps=10)
     C0 = {n: torch.eye(24, dtype=torch.float64) for n in MODULES}
-    deltas = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 1e-12)
+    deltas = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 1e-12 * len(FACTS))
     assert set(deltas) == set(MODULES) and all(d.shape == (24, 16) for d in deltas.values())
     met = values.met_share(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, h, deltas)
     torch.testing.assert_close(met, torch.ones_like(met), rtol=0, atol=1e-4)  # every value placed ...
@@ -122,8 +122,8 @@ def test_spread_sweeps_move_the_unmet_residual_into_the_modules(tok):
     for n in MODULES:
         A = torch.randn(24, 24, generator=g, dtype=torch.float64)
         C0[n] = A @ A.T / 24
-    one = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 5e-4)
-    six = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 5e-4,
+    one = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 5e-4 * len(FACTS))
+    six = values.spread_values(model, batches, len(FACTS), MODULES, model.model.layers[1], h + delta, C0, 5e-4 * len(FACTS),
                                sweeps=6)
     left_one, left_six = _remaining(model, batches, one, h + delta, h), _remaining(model, batches, six, h + delta, h)
     assert float(left_one.mean()) > 0.3  # the weight leaves a good part of every value unmet after one pass ...
@@ -131,11 +131,11 @@ def test_spread_sweeps_move_the_unmet_residual_into_the_modules(tok):
     # one module alone is solved exactly by its first pass (its output change enters layer 1's output linearly):
     # a re-solve with its own change added back to the target is a fixed point, not a second, stacked update
     last = MODULES[-1:]
-    a = values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05)
-    b = values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05, sweeps=4)
+    a = values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05 * len(FACTS))
+    b = values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05 * len(FACTS), sweeps=4)
     torch.testing.assert_close(b[last[0]], a[last[0]], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="sweeps"):
-        values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05, sweeps=0)
+        values.spread_values(model, batches, len(FACTS), last, model.model.layers[1], h + delta, C0, 0.05 * len(FACTS), sweeps=0)
 
 
 def test_a_subject_missing_from_its_prompt_is_named(tok):
@@ -209,6 +209,29 @@ def test_a_solve_that_places_little_of_the_values_warns(tok, tmp_path):
     restore_weights(model, weights_copy)
 
 
+def test_preserved_keys_is_a_constant_weight_and_matches_the_per_edit_weight_at_equal_lambda(tok, tmp_path):
+    """value_preserved_keys = λ and value_preserved_weight = λ/n solve the same system for n edits: identical
+    weights after the edit. The weight per edit grows with n, the count of keys does not."""
+    from easyedit_agrade.core.weights import restore_weights
+    from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
+
+    per_edit = _hparams(tmp_path, max_delta_ratio=None, value_preserved_weight=0.5)
+    constant = _hparams(tmp_path, max_delta_ratio=None, value_preserved_weight=None,
+                        value_preserved_keys=0.5 * len(FACTS))
+    assert per_edit.value_c0_weight(len(FACTS)) == constant.value_c0_weight(len(FACTS)) == 2.0
+    assert per_edit.value_c0_weight(400) == 200.0 and constant.value_c0_weight(400) == 2.0
+    requests = [{"prompt": p, "target_new": t, "subject": s} for p, t, s in FACTS]
+    edited = []
+    for hp in (per_edit, constant, _hparams(tmp_path, max_delta_ratio=None, value_preserved_weight=None,
+                                            value_preserved_keys=8.0)):
+        model = _model(tok)
+        model, weights_copy = apply_agrade_to_model(model, tok, requests, hp, return_orig_weights=True)
+        edited.append({n: model.get_parameter(n).detach().clone() for n in PARAMS})
+        restore_weights(model, weights_copy)
+    assert all(torch.equal(edited[0][n], edited[1][n]) for n in PARAMS)
+    assert not any(torch.allclose(edited[0][n], edited[2][n]) for n in PARAMS)  # a larger λ: a different edit
+
+
 def test_executor_refuses_requests_without_subjects_and_leaves_the_model_untouched(tok, tmp_path):
     from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
 
@@ -228,6 +251,10 @@ def test_executor_refuses_requests_without_subjects_and_leaves_the_model_untouch
     (dict(value_lr=0.0), "value_lr"),
     (dict(value_clamp=float("inf")), "value_clamp"),
     (dict(value_preserved_weight=-1.0), "value_preserved_weight"),
+    (dict(value_preserved_weight=None, value_preserved_keys=0.0), "value_preserved_keys"),
+    (dict(value_preserved_weight=None, value_preserved_keys="many"), "value_preserved_keys"),
+    (dict(value_preserved_keys=100.0), "exactly one of value_preserved_weight .* and value_preserved_keys"),
+    (dict(value_preserved_weight=None), "exactly one of value_preserved_weight .* and value_preserved_keys"),
     (dict(value_weight_decay=-1e-3), "value_weight_decay"),
     (dict(value_sweeps=0), "value_sweeps"),
     (dict(value_sweeps=True), "value_sweeps"),

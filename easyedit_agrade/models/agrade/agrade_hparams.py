@@ -115,7 +115,9 @@ class AGRADEHyperParams(EditorHyperParams):
     #: layer's output, subject's last token; ``value_steps`` Adam steps of ``value_lr``, weight decay
     #: ``value_weight_decay``·‖δ‖²/‖h‖², ‖δ‖ ≤ ``value_clamp``·‖h‖, a request stops at mean target NLL
     #: ``value_stop_nll``; over its prompt and ``value_prefixes`` context-prefixed copies), then spread over the
-    #: edited modules with ΔW = (KᵀK + ``value_preserved_weight``·n·C₀)⁻¹KᵀR on the subjects' keys, in
+    #: edited modules with ΔW = (KᵀK + λ·C₀)⁻¹KᵀR on the subjects' keys — λ = ``value_preserved_keys`` (a constant
+    #: count of ordinary-text keys, MEMIT's ``mom2_update_weight``) or ``value_preserved_weight``·n for n edits
+    #: (exactly one of the two is set; the other null) — in
     #: ``value_sweeps`` passes over the modules (each later pass re-solves a module for its own change plus its share
     #: of what is still unmet). No archive is used. models/agrade/values.py, docs/agrade.md *Value-optimised edits*
     value_source: Literal["hypernet", "optimized"] = "hypernet"
@@ -125,7 +127,8 @@ class AGRADEHyperParams(EditorHyperParams):
     value_clamp: float = 4.0
     value_stop_nll: float = 0.05
     value_prefixes: int = 2
-    value_preserved_weight: float = 10.0
+    value_preserved_weight: Optional[float] = 10.0
+    value_preserved_keys: Optional[float] = None
     value_sweeps: int = 1
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
@@ -164,9 +167,20 @@ class AGRADEHyperParams(EditorHyperParams):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise HyperParamsError(f"{key} must be an integer >= {least}, got {v!r}")
-        for key in ("value_lr", "value_clamp", "value_stop_nll", "value_preserved_weight"):
-            if not (math.isfinite(float(getattr(self, key))) and float(getattr(self, key)) > 0):
-                raise HyperParamsError(f"{key} must be a finite number > 0, got {getattr(self, key)!r}")
+        for key in ("value_lr", "value_clamp", "value_stop_nll", "value_preserved_weight", "value_preserved_keys"):
+            v = getattr(self, key)
+            if key.startswith("value_preserved") and v is None:
+                continue
+            try:
+                ok = not isinstance(v, bool) and math.isfinite(float(v)) and float(v) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise HyperParamsError(f"{key} must be a finite number > 0, got {v!r}")
+        if (self.value_preserved_weight is None) == (self.value_preserved_keys is None):
+            raise HyperParamsError("set exactly one of value_preserved_weight (C0's weight per edit: w*n) and "
+                                   "value_preserved_keys (a constant weight, MEMIT's mom2_update_weight); the other "
+                                   f"null (got {self.value_preserved_weight!r} and {self.value_preserved_keys!r})")
         if not (math.isfinite(float(self.value_weight_decay)) and float(self.value_weight_decay) >= 0):
             raise HyperParamsError(f"value_weight_decay must be a finite number >= 0, got {self.value_weight_decay!r}")
         if self.value_source == "optimized" and (self.edit_rounds != 1 or self.max_heldout_ppl_ratio is not None):
@@ -176,6 +190,12 @@ class AGRADEHyperParams(EditorHyperParams):
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
+
+    def value_c0_weight(self, n_edits: int) -> float:
+        """λ on C₀ in the value solve for a batch of ``n_edits`` (:func:`.values.preserved_c0_weight`)."""
+        from .values import preserved_c0_weight
+
+        return preserved_c0_weight(n_edits, self.value_preserved_weight, self.value_preserved_keys)
 
     def uses_value_search(self) -> bool:
         """Whether eq 5's G comes from the edit-time value search (``value_source: optimized``), not the network."""

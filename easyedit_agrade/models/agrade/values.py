@@ -201,15 +201,25 @@ def _mean_nll(top: LayerStack, batches, lowered, delta: torch.Tensor, n_requests
     return float((nll_sum / count.clamp_min(1)).mean())
 
 
-def memit_layer_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, weight: float) -> torch.Tensor:
+def memit_layer_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, c0_weight: float) -> torch.Tensor:
     """MEMIT's batch update of one layer (Meng et al. 2023, eq 14: ΔW = R Kᵀ (λC₀ + K Kᵀ)⁻¹), in the editor's
-    layout and eq 5's form: ΔW = (KᵀK + weight·n·C₀)⁻¹ KᵀR for n rows of keys K (n, Dh) and residuals R (n, Dg),
-    with C₀ = E[kkᵀ] of the module's keys on ordinary text. fp64; ``weight·n`` keeps the balance between the
-    edits and ordinary text the same at every batch size."""
+    layout and eq 5's form: ΔW = (KᵀK + λ·C₀)⁻¹ KᵀR for n rows of keys K (n, Dh) and residuals R (n, Dg), with
+    C₀ = E[kkᵀ] of the module's keys on ordinary text and λ = ``c0_weight`` (MEMIT's ``mom2_update_weight``: the
+    number of ordinary-text keys the solve keeps as they are, weighed against the n edit keys; see
+    :func:`preserved_c0_weight`). fp64."""
     K = K.double()
-    M = K.T @ K + float(weight) * K.shape[0] * C0.double()
+    M = K.T @ K + float(c0_weight) * C0.double()
     L = torch.linalg.cholesky(M)
     return torch.cholesky_solve(K.T @ R.double(), L)
+
+
+def preserved_c0_weight(n_edits: int, per_edit: float | None = None, keys: float | None = None) -> float:
+    """λ of :func:`memit_layer_update` for a batch of ``n_edits``: ``keys`` (``value_preserved_keys``, a constant
+    count of ordinary-text keys as MEMIT's ``mom2_update_weight``) or ``per_edit``·n (``value_preserved_weight``,
+    which grows with the batch). Exactly one of the two must be given."""
+    if (per_edit is None) == (keys is None):
+        raise ValueError("give exactly one of value_preserved_weight (λ = w·n) and value_preserved_keys (λ constant)")
+    return float(keys) if keys is not None else float(per_edit) * int(n_edits)
 
 
 @torch.no_grad()
@@ -253,9 +263,10 @@ def _keys_and_outputs(model: nn.Module, batches: Sequence[ValueBatch], n_request
 
 
 def spread_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests: int, module_names: Sequence[str],
-                  out_layer: nn.Module, z: torch.Tensor, second_moments: dict[str, torch.Tensor], weight: float,
+                  out_layer: nn.Module, z: torch.Tensor, second_moments: dict[str, torch.Tensor], c0_weight: float,
                   sweeps: int = 1) -> dict[str, torch.Tensor]:
-    """ΔW per edited module (editor layout, fp64), module by module in layer order (module docstring, step 2);
+    """ΔW per edited module (editor layout, fp64), module by module in layer order (module docstring, step 2),
+    each solved by :func:`memit_layer_update` with λ = ``c0_weight``;
     each module's keys and the residual are taken with every other module's current ΔW added (temporary hooks).
     ``sweeps`` > 1 repeats the pass: a module's target is then its own current output change plus its share of the
     residual still missing, KₗΔWₗ + Rₗ, so each re-solve replaces its ΔW (block coordinate descent on the
@@ -270,7 +281,7 @@ def spread_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests: i
             R = (z.double() - cur) / (len(module_names) - i)
             if name in deltas:
                 R = R + K @ deltas[name]
-            deltas[name] = memit_layer_update(K, R, second_moments[name], weight)
+            deltas[name] = memit_layer_update(K, R, second_moments[name], c0_weight)
     return deltas
 
 
