@@ -116,8 +116,8 @@ class AGRADEHyperParams(EditorHyperParams):
     #: ``value_weight_decay``·‖δ‖²/‖h‖², ‖δ‖ ≤ ``value_clamp``·‖h‖, a request stops at mean target NLL
     #: ``value_stop_nll``; over its prompt and ``value_prefixes`` context-prefixed copies), then spread over the
     #: edited modules with ΔW = (KᵀK + λ·C₀)⁻¹KᵀR on the subjects' keys — λ = ``value_preserved_keys`` (a constant
-    #: count of ordinary-text keys, MEMIT's ``mom2_update_weight``) or ``value_preserved_weight``·n for n edits
-    #: (exactly one of the two is set; the other null) — in
+    #: count of ordinary-text keys, MEMIT's ``mom2_update_weight``) or ``value_preserved_weight``·n for n edits,
+    #: or min(w·n, keys) when both are set (at least one is) — in
     #: ``value_sweeps`` passes over the modules (each later pass re-solves a module for its own change plus its share
     #: of what is still unmet). No archive is used. models/agrade/values.py, docs/agrade.md *Value-optimised edits*
     value_source: Literal["hypernet", "optimized"] = "hypernet"
@@ -177,10 +177,10 @@ class AGRADEHyperParams(EditorHyperParams):
                 ok = False
             if not ok:
                 raise HyperParamsError(f"{key} must be a finite number > 0, got {v!r}")
-        if (self.value_preserved_weight is None) == (self.value_preserved_keys is None):
-            raise HyperParamsError("set exactly one of value_preserved_weight (C0's weight per edit: w*n) and "
-                                   "value_preserved_keys (a constant weight, MEMIT's mom2_update_weight); the other "
-                                   f"null (got {self.value_preserved_weight!r} and {self.value_preserved_keys!r})")
+        if self.value_preserved_weight is None and self.value_preserved_keys is None:
+            raise HyperParamsError("set value_preserved_weight (C0's weight per edit: w*n), value_preserved_keys (a "
+                                   "constant weight, MEMIT's mom2_update_weight) or both (min(w*n, keys)); both are "
+                                   "null")
         if not (math.isfinite(float(self.value_weight_decay)) and float(self.value_weight_decay) >= 0):
             raise HyperParamsError(f"value_weight_decay must be a finite number >= 0, got {self.value_weight_decay!r}")
         if self.value_source == "optimized" and (self.edit_rounds != 1 or self.max_heldout_ppl_ratio is not None):

@@ -214,12 +214,15 @@ def memit_layer_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, c0_we
 
 
 def preserved_c0_weight(n_edits: int, per_edit: float | None = None, keys: float | None = None) -> float:
-    """λ of :func:`memit_layer_update` for a batch of ``n_edits``: ``keys`` (``value_preserved_keys``, a constant
-    count of ordinary-text keys as MEMIT's ``mom2_update_weight``) or ``per_edit``·n (``value_preserved_weight``,
-    which grows with the batch). Exactly one of the two must be given."""
-    if (per_edit is None) == (keys is None):
-        raise ValueError("give exactly one of value_preserved_weight (λ = w·n) and value_preserved_keys (λ constant)")
-    return float(keys) if keys is not None else float(per_edit) * int(n_edits)
+    """λ of :func:`memit_layer_update` for a batch of ``n_edits``: ``per_edit``·n (``value_preserved_weight``,
+    growing with the batch), capped at ``keys`` (``value_preserved_keys``, a constant count of ordinary-text keys
+    as MEMIT's ``mom2_update_weight``) — min(w·n, keys) when both are given, either alone otherwise."""
+    if per_edit is None and keys is None:
+        raise ValueError("give value_preserved_weight (λ = w·n), value_preserved_keys (λ constant) or both "
+                         "(λ = min(w·n, keys))")
+    options = [float(keys)] if keys is not None else []
+    options += [float(per_edit) * int(n_edits)] if per_edit is not None else []
+    return min(options)
 
 
 @torch.no_grad()
