@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/agrade_value_site.json")
     args = p.parse_args(argv)
-    weights = [("value_preserved_weight", w) for w in args.lambdas] + [("value_preserved_keys", k)
-                                                                        for k in args.preserved_keys]
+    # (the hparams field, its value, preserved_c0_weight's keyword for it)
+    weights = ([("value_preserved_weight", w, "per_edit") for w in args.lambdas]
+               + [("value_preserved_keys", k, "keys") for k in args.preserved_keys])
     if not weights:
         p.error("give --lambdas and/or --preserved-keys")
 
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     stop_nll=args.stop_nll)
             t_z = time.perf_counter() - t0
             print(f"[{set_name} N={len(recs)}] value search: {info} in {t_z:.0f}s", flush=True)
-            for (field, w), sweeps in [(w, s) for w in weights for s in args.sweeps]:
-                lam = values.preserved_c0_weight(len(recs), **{("keys" if field.endswith("keys") else "per_edit"): w})
+            for (field, w, kw), sweeps in [(w, s) for w in weights for s in args.sweeps]:
+                lam = values.preserved_c0_weight(len(recs), **{kw: w})
                 t1 = time.perf_counter()
                 deltas = values.spread_values(model, batches, len(recs), editor.stack.module_names,
                                               editor.stack.layers[last], h + delta, C0, lam, sweeps=sweeps)

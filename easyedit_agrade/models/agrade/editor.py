@@ -373,15 +373,16 @@ class AGRADEEditor(HypernetEditor):
         delta, h, info = values.optimise_values(
             self.model, batches, len(prompts), last, steps=int(hp.value_steps), lr=float(hp.value_lr),
             weight_decay=float(hp.value_weight_decay), clamp=float(hp.value_clamp), stop_nll=float(hp.value_stop_nll))
+        c0_weight = hp.value_c0_weight(len(prompts))
         deltas = values.spread_values(self.model, batches, len(prompts), self.stack.module_names,
                                       self.stack.layers[last], h + delta, self.second_moments or {},
-                                      hp.value_c0_weight(len(prompts)), sweeps=int(hp.value_sweeps))
+                                      c0_weight, sweeps=int(hp.value_sweeps))
         info = dict(info, **values.met_summary(values.met_share(self.model, batches, len(prompts),
                                                                self.stack.module_names, self.stack.layers[last],
                                                                h + delta, h, deltas)))
         if info["met_median"] < LOW_MET_SHARE:
             warnings.warn(f"AGRADE: the value solve placed a median {info['met_median']:.2f} of the {len(prompts)} "
-                          f"values at layer {last}'s output (C0 weight {hp.value_c0_weight(len(prompts)):g}"
+                          f"values at layer {last}'s output (C0 weight {c0_weight:g}"
                           f", value_sweeps {int(hp.value_sweeps)}); many of these edits will not take. More "
                           f"value_sweeps, a lower value_preserved_keys/_weight (more damage to ordinary text) or smaller "
                           f"batches place more (docs/agrade_scaling.md, 'Spread sweeps')", RuntimeWarning,

@@ -220,9 +220,8 @@ def preserved_c0_weight(n_edits: int, per_edit: float | None = None, keys: float
     if per_edit is None and keys is None:
         raise ValueError("give value_preserved_weight (λ = w·n), value_preserved_keys (λ constant) or both "
                          "(λ = min(w·n, keys))")
-    options = [float(keys)] if keys is not None else []
-    options += [float(per_edit) * int(n_edits)] if per_edit is not None else []
-    return min(options)
+    scaled = None if per_edit is None else float(per_edit) * int(n_edits)
+    return min(float(v) for v in (keys, scaled) if v is not None)
 
 
 @torch.no_grad()
