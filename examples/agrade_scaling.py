@@ -17,8 +17,10 @@ Sets (``--sets``; validation sets are the only ones to choose settings on):
 * ``zsre-val`` — ``zsre/zsre_mend_train_10000.json`` records 9,000–9,999 (validation; never in a training pool of
   this project: the mixed pool stops at record 8,999).
 
-For each set and N the first N records are edited in one batch; ES/GS/LS/portability are measured on the first
-``min(N, --eval-cap)`` of them (teacher-forced token accuracy; LS = agreement with the unedited model), perplexity
+For each set and N the first N records are edited in one batch (with ``--batches K``: K disjoint batches, records
+[b·N, (b+1)·N) for b < K, each edited on the unedited model; the Markdown then adds each editor's mean ± sd over
+the batches and its paired Score difference to the first editor — a spread from the records, not from training
+seeds); ES/GS/LS/portability are measured on the first ``min(N, --eval-cap)`` of them (teacher-forced token accuracy; LS = agreement with the unedited model), perplexity
 on ``--ppl-windows`` × ``--ppl-window`` tokens of ``wikitext/wiki.test.tokens``. The model is restored bit-exactly
 after every edit.
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", nargs="+", type=int, default=[16, 256, 1024, 2048, 4096])
     p.add_argument("--editor", action="append", default=[], metavar="NAME=ARCHIVE[;k=v...]")
     p.add_argument("--eval-cap", type=int, default=512)
+    p.add_argument("--batches", type=int, default=1,
+                   help="disjoint batches of N records per set and N (records [b*N, (b+1)*N)); K > 1 adds mean ± sd")
     p.add_argument("--ppl-windows", type=int, default=16,
                    help="wiki.test windows for perplexity (4 = the first 1,024 tokens, one article: noisy; the tables "
                         "before session 10 used 4)")
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="PNG: Score and perplexity vs N")
     args = p.parse_args(argv)
     editors = [parse_editor(s) for s in (args.editor or ["default=shipped"])]
+    if args.batches < 1:
+        p.error(f"--batches must be >= 1, got {args.batches}")
 
     import torch
 
@@ -154,34 +160,38 @@ def main(argv: list[str] | None = None) -> int:
         results["editors"][name] = {"archive": path, "overrides": over}
         prepared.append((name, hp, nets))
     for set_name in args.sets:
-        all_recs, portability = read_set(set_name, max(args.n))
+        all_recs, portability = read_set(set_name, max(args.n) * args.batches)
         cap = min(args.eval_cap, len(all_recs))
         ns = list(dict.fromkeys(min(n, len(all_recs)) for n in args.n))  # in the order given
+        if args.batches > 1 and max(ns) * args.batches > len(all_recs):
+            raise SystemExit(f"--batches {args.batches} × --n {max(ns)} needs {max(ns) * args.batches} records of "
+                             f"{set_name!r}; it has {len(all_recs)}")
         results["sets"][set_name] = {"available": len(all_recs), "eval_cap": cap}
-        probes_cache: dict[int, tuple] = {}
+        probes_cache: dict[tuple[int, int], tuple] = {}
 
-        def probes_for(n_eval: int):
-            if n_eval not in probes_cache:
-                recs = all_recs[:n_eval]
+        def probes_for(first: int, n_eval: int):
+            """Probes of records [first, first + n_eval) and the unedited model's answers to them."""
+            if (first, n_eval) not in probes_cache:
+                recs = all_recs[first:first + n_eval]
                 pr = build_probes(probe_editor, recs)
                 port = None
                 if portability is not None:
-                    port = probe_editor.encode([q for q, _ in portability[:n_eval]],
-                                               [a for _, a in portability[:n_eval]], max_length=None)
+                    port = probe_editor.encode([q for q, _ in portability[first:first + n_eval]],
+                                               [a for _, a in portability[first:first + n_eval]], max_length=None)
                     probe_editor.lower(port)
                 ref = argmax_at_targets(probe_editor, pr.loc)
                 pre = {"es": accuracy(probe_editor, pr.edit, pr.n), "gs": accuracy(probe_editor, pr.equiv, pr.n),
                        "portability": accuracy(probe_editor, port, pr.n) if port is not None else None}
-                probes_cache[n_eval] = (pr, port, ref, pre)
-            return probes_cache[n_eval]
+                probes_cache[(first, n_eval)] = (pr, port, ref, pre)
+            return probes_cache[(first, n_eval)]
 
-        for n in ns:
-            recs = all_recs[:n]
-            pr, port, ref, pre = probes_for(min(n, cap))
-            row_pre = {"set": set_name, "n": n, "editor": "unedited", "es": pre["es"], "gs": pre["gs"], "ls": 1.0,
-                       "score": harmonic_mean(pre["es"], pre["gs"], 1.0), "portability": pre["portability"],
-                       "ppl": results["ppl_unedited"]}
-            if n == min(ns):
+        for batch, n in [(b, n) for n in ns for b in range(args.batches)]:
+            recs = all_recs[batch * n:(batch + 1) * n]
+            pr, port, ref, pre = probes_for(batch * n, min(n, cap))
+            row_pre = {"set": set_name, "n": n, "batch": batch, "editor": "unedited", "es": pre["es"],
+                       "gs": pre["gs"], "ls": 1.0, "score": harmonic_mean(pre["es"], pre["gs"], 1.0),
+                       "portability": pre["portability"], "ppl": results["ppl_unedited"]}
+            if n == min(ns) and batch == 0:
                 row_pre["generation"] = generation_checks(model, tok, recs, args)
             results["rows"].append(row_pre)
             for name, hp, nets in prepared:
@@ -192,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                         result = editor.edit_deltas([r.prompt for r in recs], [r.target_new for r in recs],
                                                     subjects=[r.subject for r in recs])
                 except Exception as exc:  # reported in the table, never silently dropped
-                    results["rows"].append({"set": set_name, "n": n, "editor": name, "error": repr(exc)})
-                    print(f"[{set_name} N={n}] {name}: FAILED {exc!r}", flush=True)
+                    results["rows"].append({"set": set_name, "n": n, "batch": batch, "editor": name,
+                                            "error": repr(exc)})
+                    print(f"[{set_name} N={n} batch {batch}] {name}: FAILED {exc!r}", flush=True)
                     continue
                 weights_copy = apply_deltas(model, result.deltas, mode=hp.apply_mode)
                 edit_s = time.perf_counter() - t0
                 try:
-                    row = {"set": set_name, "n": n, "editor": name, "edit_s": edit_s, "edits_per_s": n / edit_s,
+                    row = {"set": set_name, "n": n, "batch": batch, "editor": name, "edit_s": edit_s,
+                           "edits_per_s": n / edit_s,
                            "es": accuracy(probe_editor, pr.edit, pr.n),
                            "gs": accuracy(probe_editor, pr.equiv, pr.n),
                            "ls": accuracy(probe_editor, pr.loc, pr.n, reference=ref),
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen_text = (f" | gen ES {gen['rewrite']['prefix']:.3f} {gen['examples']['rewrite'][0]['generation']!r}"
                             if gen else "")
                 gen_text += f" | value search {value_search_text(row['value_search'])}" if row["value_search"] else ""
-                print(f"[{set_name} N={n}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
+                print(f"[{set_name} N={n} batch {batch}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
                       f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
                       f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s{gen_text}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -246,18 +258,83 @@ def value_search_text(info: dict) -> str:
         parts.append(f"NLL {info['nll_start']:.2f}→{info['nll_end']:.2f}")
     if info.get("met_median") is not None:
         parts.append(f"met {info['met_median']:.2f} (q10 {info.get('met_q10', float('nan')):.2f})")
+    if info.get("delta_ratio_median") is not None:
+        parts.append(f"‖δ‖/‖h‖ {info['delta_ratio_median']:.2f}")
     return ", ".join(parts)
+
+
+SUMMARY_METRICS = ("es", "gs", "ls", "score", "ppl")
+
+
+def batch_summary(rows: list[dict]) -> list[dict]:
+    """``--batches`` > 1: one entry per (set, N, editor) over its batches — ``batches``, ``mean`` and sample ``sd``
+    (None for one batch) of ES, GS, LS, Score and perplexity, and for every editor after the first edited one its
+    Score difference to that one on the same batches (``paired``: mean, sd, how many batches it scored higher).
+    Failed rows are left out."""
+    import statistics
+
+    ok = [r for r in rows if "error" not in r]
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["set"], r["n"], r["editor"]), []).append(r)
+    first_edited: dict[tuple, str] = {}
+    for r in ok:
+        if r["editor"] != "unedited":
+            first_edited.setdefault((r["set"], r["n"]), r["editor"])
+    out = []
+    for (set_name, n, editor), rs in groups.items():
+        entry = {"set": set_name, "n": n, "editor": editor, "batches": len(rs),
+                 "mean": {k: statistics.fmean(r[k] for r in rs) for k in SUMMARY_METRICS},
+                 "sd": {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else None for k in SUMMARY_METRICS}}
+        ref_name = first_edited.get((set_name, n))
+        if editor not in ("unedited", ref_name) and ref_name is not None:
+            ref = {r["batch"]: r["score"] for r in groups[(set_name, n, ref_name)]}
+            diffs = [r["score"] - ref[r["batch"]] for r in rs if r["batch"] in ref]
+            entry["paired"] = {"against": ref_name, "mean": statistics.fmean(diffs) if diffs else None,
+                               "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                               "wins": sum(d > 0 for d in diffs), "batches": len(diffs)}
+        out.append(entry)
+    return out
+
+
+def batch_summary_markdown(results: dict) -> list[str]:
+    """The Markdown of :func:`batch_summary` (empty when every row is batch 0)."""
+    if not any(r.get("batch", 0) for r in results["rows"]):
+        return []
+
+    def cell(e, k, scale=1.0):
+        sd = e["sd"][k]
+        return f"{e['mean'][k] / scale:.3f}" + ("" if sd is None else f" ± {sd / scale:.3f}")
+
+    lines = ["", "Over the disjoint batches (mean ± sample sd; paired = Score minus the first editor's on the same "
+             "batches, and in how many batches it was higher):", "",
+             "| set | N | editor | batches | ES | GS | LS | Score | ppl × unedited | paired Score difference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in batch_summary(results["rows"]):
+        pair = e.get("paired")
+        pair_text = "–" if not pair or pair["mean"] is None else (
+            f"{pair['mean']:+.3f}" + ("" if pair["sd"] is None else f" ± {pair['sd']:.3f}")
+            + f" vs {pair['against']} ({pair['wins']}/{pair['batches']} higher)")
+        lines.append(f"| {e['set']} | {e['n']} | {e['editor']} | {e['batches']} | {cell(e, 'es')} | {cell(e, 'gs')} | "
+                     f"{cell(e, 'ls')} | {cell(e, 'score')} | {cell(e, 'ppl', results['ppl_unedited'])} | "
+                     f"{pair_text} |")
+    return lines
 
 
 def markdown(results: dict) -> str:
     lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
              "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
+    batched = any(r.get("batch", 0) for r in results["rows"])
+
+    def who(r):  # the editor, and its batch when there are several
+        return f"{r['editor']} [batch {r.get('batch', 0)}]" if batched else r["editor"]
+
     lines.append("| set | N | editor | ES | GS | LS | Score | portability | ppl (× unedited) | edit s | edits/s | "
                  "max ‖ΔW‖/‖W‖ | max output change on text | peak RSS MB | rounds | value search |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | failed: {r['error'][:80]} |" + " |" * 12)
+            lines.append(f"| {r['set']} | {r['n']} | {who(r)} | failed: {r['error'][:80]} |" + " |" * 12)
             continue
         port = "–" if r.get("portability") is None else f"{r['portability']:.3f}"
         ratio = "–" if not r.get("delta_ratio") else f"{max(r['delta_ratio'].values()):.3f}"
@@ -265,11 +342,12 @@ def markdown(results: dict) -> str:
         change = "–" if not r.get("preserved_change") else f"{max(r['preserved_change'].values()):.3g}"
         # solves made (edit_rounds; the rows before the option existed, and the unedited ones, have none recorded)
         solved = "–" if r["editor"] == "unedited" else str(sum(x["solved"] for x in r.get("rounds") or []) or 1)
-        lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
+        lines.append(f"| {r['set']} | {r['n']} | {who(r)} | {r['es']:.3f} | {r['gs']:.3f} | {r['ls']:.3f} | "
                      f"{r['score']:.3f} | {port} | {r['ppl']:.1f} ({rel:.2f}×) | "
                      f"{r.get('edit_s', 0):.1f} | {r.get('edits_per_s', 0):.1f} | {ratio} | {change} | "
                      f"{r.get('peak_rss_mb', 0):.0f} | {solved} | "
                      f"{value_search_text(r['value_search']) if r.get('value_search') else '–'} |")
+    lines += batch_summary_markdown(results)
     gens = [r for r in results["rows"] if r.get("generation")]
     if gens:
         lines += ["", "Generation-based checks (greedy, first edited records; prefix = the generation starts with the new "
@@ -280,13 +358,13 @@ def markdown(results: dict) -> str:
         for r in gens:
             g = r["generation"]
             rw, rp, al = g["rewrite"], g.get("rephrase", {}), g["all"]
-            lines.append(f"| {r['set']} | {r['n']} | {r['editor']} | {r['es']:.3f} | {rw['exact']:.3f} | "
+            lines.append(f"| {r['set']} | {r['n']} | {who(r)} | {r['es']:.3f} | {rw['exact']:.3f} | "
                          f"{rw['prefix']:.3f} | {r['gs']:.3f} | {rp.get('prefix', float('nan')):.3f} | "
                          f"{al['entropy']:.2f} | {al['repetition']:.3f} | {al['degenerate']:.3f} |")
         lines += ["", "Greedy generations (first edited prompts):", ""]
         for r in gens:
             for e in r["generation"]["examples"]["rewrite"][:2]:
-                lines.append(f"- {r['set']} N={r['n']} {r['editor']}: {e['prompt']!r} → {e['generation']!r}")
+                lines.append(f"- {r['set']} N={r['n']} {who(r)}: {e['prompt']!r} → {e['generation']!r}")
     return "\n".join(lines)
 
 

@@ -41,3 +41,38 @@ def test_value_search_column_and_equal_cells():
 def test_value_search_text_tolerates_a_partial_report():
     mod = _script()
     assert mod.value_search_text({"steps": 3}) == "3 steps"
+    assert mod.value_search_text({"steps": 3, "delta_ratio_median": 0.687}) == "3 steps, ‖δ‖/‖h‖ 0.69"
+
+
+def test_batch_summary_means_sds_and_paired_differences():
+    mod = _script()
+    rows = []
+    for b, (a, m) in enumerate([(0.50, 0.56), (0.40, 0.38), (0.60, 0.67)]):
+        rows.append(_row("unedited", batch=b, score=0.05, ppl=25.0))
+        rows.append(_row("agrade", batch=b, score=a, ppl=26.0 + b))
+        rows.append(_row("malmen", batch=b, score=m, ppl=27.0))
+    rows.append({"set": "cf", "n": 256, "batch": 1, "editor": "malmen-broken", "error": "RuntimeError('x')"})
+    summary = {e["editor"]: e for e in mod.batch_summary(rows)}
+    assert set(summary) == {"unedited", "agrade", "malmen"}  # the failed row is left out
+    assert summary["agrade"]["batches"] == 3
+    assert abs(summary["agrade"]["mean"]["score"] - 0.5) < 1e-12
+    assert abs(summary["agrade"]["sd"]["score"] - 0.1) < 1e-12  # sample sd of 0.4, 0.5, 0.6
+    assert abs(summary["agrade"]["mean"]["ppl"] - 27.0) < 1e-12
+    assert "paired" not in summary["agrade"] and "paired" not in summary["unedited"]
+    pair = summary["malmen"]["paired"]
+    assert pair["against"] == "agrade" and pair["batches"] == 3 and pair["wins"] == 2  # +.06, -.02, +.07
+    assert abs(pair["mean"] - 0.11 / 3) < 1e-12
+
+
+def test_batch_summary_markdown_only_with_several_batches():
+    mod = _script()
+    one = {"ppl_unedited": 25.0, "ppl_tokens": 1024, "rows": [_row("agrade", batch=0), _row("malmen", batch=0)]}
+    assert "disjoint batches" not in mod.markdown(one)
+    assert "[batch 0]" not in mod.markdown(one)
+    rows = [_row(e, batch=b, score=0.5 + 0.01 * b + (0.02 if e == "malmen" else 0.0)) for b in range(2)
+            for e in ("agrade", "malmen")]
+    text = mod.markdown({"ppl_unedited": 25.0, "ppl_tokens": 1024, "rows": rows})
+    assert "| agrade [batch 1] |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| cf | 256 | malmen | 2 |"))
+    assert "+0.020 ± 0.000 vs agrade (2/2 higher)" in line
+    assert "0.525 ± 0.007" in line  # Score mean and sd over the 2 batches

@@ -76,6 +76,9 @@ def test_value_search_clamps_delta_and_stops_converged_requests(tok):
     delta, h, info = _search(model, batches, clamp=0.05, steps=5, stop_nll=1e-6)
     ratio = delta.norm(dim=-1) / h.norm(dim=-1)
     assert bool((ratio <= 0.05 + 1e-6).all()) and bool((ratio > 0.049).all())  # the clamp binds here
+    # the report's ‖δ‖/‖h‖ is this ratio's median and 90th percentile
+    assert abs(info["delta_ratio_median"] - float(ratio.median())) < 1e-6
+    assert abs(info["delta_ratio_q90"] - float(torch.quantile(ratio, 0.9))) < 1e-6
     # every request already below the stopping NLL: no step is taken, δ stays 0
     delta0, _, info0 = _search(model, batches, stop_nll=1e9)
     assert info0["steps"] == 1 and info0["converged"] == len(FACTS) and delta0.abs().max() == 0

@@ -130,7 +130,8 @@ def optimise_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests:
                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(δ, h, info): δ (n, d) added at the output of decoder layer ``layer`` at each request's subject's last token
     that makes the model predict the targets (module docstring, step 1); h (n, d) the unchanged hidden state there
-    for each request's own prompt; info = {"steps", "nll_start", "nll_end", "converged"}."""
+    for each request's own prompt; info = {"steps", "nll_start", "nll_end", "converged", "delta_ratio_median",
+    "delta_ratio_q90"} (the last two: ‖δᵢ‖/‖hᵢ‖ over the requests)."""
     path, layers = find_decoder_layers(model)
     if layer + 1 >= len(layers):
         raise ValueError(f"value_source: optimized needs the last edited layer ({layer}) below the model's last "
@@ -187,6 +188,9 @@ def optimise_values(model: nn.Module, batches: Sequence[ValueBatch], n_requests:
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     info["nll_end"] = _mean_nll(top, batches, lowered, delta.detach(), n_requests)
+    ratio = delta.detach().norm(dim=-1) / h_norm
+    info["delta_ratio_median"] = float(ratio.median())
+    info["delta_ratio_q90"] = float(torch.quantile(ratio, 0.9))
     return delta.detach(), h, info
 
 
