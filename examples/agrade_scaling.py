@@ -288,8 +288,8 @@ def batch_summary(rows: list[dict]) -> list[dict]:
                  "sd": {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else None for k in SUMMARY_METRICS}}
         ref_name = first_edited.get((set_name, n))
         if editor not in ("unedited", ref_name) and ref_name is not None:
-            ref = {r["batch"]: r["score"] for r in groups[(set_name, n, ref_name)]}
-            diffs = [r["score"] - ref[r["batch"]] for r in rs if r["batch"] in ref]
+            ref = {r.get("batch", 0): r["score"] for r in groups[(set_name, n, ref_name)]}
+            diffs = [r["score"] - ref[r.get("batch", 0)] for r in rs if r.get("batch", 0) in ref]
             entry["paired"] = {"against": ref_name, "mean": statistics.fmean(diffs) if diffs else None,
                                "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
                                "wins": sum(d > 0 for d in diffs), "batches": len(diffs)}
@@ -376,8 +376,9 @@ def plot(results: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = [r for r in results["rows"] if "error" not in r and r["editor"] != "unedited"]
+    means = {(e["set"], e["editor"], e["n"]): e["mean"] for e in batch_summary(rows)}  # over --batches
     for key in sorted({(r["set"], r["editor"]) for r in rows}):
-        pts = sorted((r["n"], r["score"], r["ppl"]) for r in rows if (r["set"], r["editor"]) == key)
+        pts = sorted((n, m["score"], m["ppl"]) for (s, e, n), m in means.items() if (s, e) == key)
         label = f"{key[0]} · {key[1]}"
         axes[0].plot([x[0] for x in pts], [x[1] for x in pts], marker="o", label=label)
         axes[1].plot([x[0] for x in pts], [x[2] / results["ppl_unedited"] for x in pts], marker="o", label=label)

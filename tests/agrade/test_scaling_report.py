@@ -76,3 +76,24 @@ def test_batch_summary_markdown_only_with_several_batches():
     line = next(x for x in text.splitlines() if x.startswith("| cf | 256 | malmen | 2 |"))
     assert "+0.020 ± 0.000 vs agrade (2/2 higher)" in line
     assert "0.525 ± 0.007" in line  # Score mean and sd over the 2 batches
+
+
+def test_plot_draws_the_mean_over_batches(tmp_path, monkeypatch):
+    mod = _script()
+    import matplotlib.axes
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    def recording_plot(self, x, y, *args, **kwargs):
+        drawn.append((list(x), list(y)))
+        return real_plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    rows = [_row("agrade", n=n, batch=b, score=s, ppl=25.0 * (1 + b))
+            for n, scores in ((16, (0.4, 0.6)), (256, (0.2, 0.3))) for b, s in enumerate(scores)]
+    rows.append({"set": "cf", "n": 256, "editor": "old", "es": 0.5, "gs": 0.1, "ls": 0.5, "score": 0.2, "ppl": 30.0})
+    mod.plot({"ppl_unedited": 25.0, "rows": rows}, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert ([16, 256], [0.5, 0.25]) in drawn  # Score: one point per N, the batches' mean
+    assert ([16, 256], [1.5, 1.5]) in drawn  # perplexity ratio, averaged the same way
+    assert ([256], [0.2]) in drawn  # a row without a batch field (older JSON) still plots
