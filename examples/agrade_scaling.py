@@ -20,7 +20,8 @@ Sets (``--sets``; validation sets are the only ones to choose settings on):
 For each set and N the first N records are edited in one batch (with ``--batches K``: K disjoint batches, records
 [b·N, (b+1)·N) for b < K, each edited on the unedited model; the Markdown then adds each editor's mean ± sd over
 the batches and its paired Score difference to the first editor — a spread from the records, not from training
-seeds); ES/GS/LS/portability are measured on the first ``min(N, --eval-cap)`` of them (teacher-forced token accuracy; LS = agreement with the unedited model), perplexity
+seeds); ES/GS/LS/portability are measured on the first ``min(N, --eval-cap)`` of them (teacher-forced token
+accuracy; LS = agreement with the unedited model), perplexity
 on ``--ppl-windows`` × ``--ppl-window`` tokens of ``wikitext/wiki.test.tokens``. The model is restored bit-exactly
 after every edit.
 
@@ -232,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 gen_text = (f" | gen ES {gen['rewrite']['prefix']:.3f} {gen['examples']['rewrite'][0]['generation']!r}"
                             if gen else "")
                 gen_text += f" | value search {value_search_text(row['value_search'])}" if row["value_search"] else ""
-                print(f"[{set_name} N={n} batch {batch}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f} "
-                      f"Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
+                print(f"[{set_name} N={n} batch {batch}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} "
+                      f"LS {row['ls']:.3f} Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
                       f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s{gen_text}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2, default=str))
@@ -266,19 +267,23 @@ def value_search_text(info: dict) -> str:
 SUMMARY_METRICS = ("es", "gs", "ls", "score", "ppl")
 
 
+def several_batches(rows: list[dict]) -> bool:
+    """Whether the rows come from ``--batches`` > 1 (rows of older JSON have no batch field: batch 0)."""
+    return any(r.get("batch", 0) for r in rows)
+
+
 def batch_summary(rows: list[dict]) -> list[dict]:
-    """``--batches`` > 1: one entry per (set, N, editor) over its batches — ``batches``, ``mean`` and sample ``sd``
-    (None for one batch) of ES, GS, LS, Score and perplexity, and for every editor after the first edited one its
-    Score difference to that one on the same batches (``paired``: mean, sd, how many batches it scored higher).
-    Failed rows are left out."""
+    """One entry per (set, N, editor) over its batches (one batch without ``--batches``) — ``batches``, ``mean``
+    and sample ``sd`` (None for one batch) of ES, GS, LS, Score and perplexity, and for every editor after the
+    first edited one its Score difference to that one on the same batches (``paired``: mean, sd, how many batches
+    it scored higher). Failed rows are left out."""
     import statistics
 
     ok = [r for r in rows if "error" not in r]
     groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        groups.setdefault((r["set"], r["n"], r["editor"]), []).append(r)
     first_edited: dict[tuple, str] = {}
     for r in ok:
+        groups.setdefault((r["set"], r["n"], r["editor"]), []).append(r)
         if r["editor"] != "unedited":
             first_edited.setdefault((r["set"], r["n"]), r["editor"])
     out = []
@@ -299,7 +304,7 @@ def batch_summary(rows: list[dict]) -> list[dict]:
 
 def batch_summary_markdown(results: dict) -> list[str]:
     """The Markdown of :func:`batch_summary` (empty when every row is batch 0)."""
-    if not any(r.get("batch", 0) for r in results["rows"]):
+    if not several_batches(results["rows"]):
         return []
 
     def cell(e, k, scale=1.0):
@@ -324,7 +329,7 @@ def batch_summary_markdown(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"Unedited WikiText-2 perplexity {results['ppl_unedited']:.2f} ({results['ppl_tokens']} test tokens). "
              "ES/GS/LS/portability on the first min(N, eval cap) edits of each batch.", ""]
-    batched = any(r.get("batch", 0) for r in results["rows"])
+    batched = several_batches(results["rows"])
 
     def who(r):  # the editor, and its batch when there are several
         return f"{r['editor']} [batch {r.get('batch', 0)}]" if batched else r["editor"]

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         rel, fmt, start = VALUE_SETS[set_name]
         for n in args.n:
             recs = read_records(data_file(rel), fmt, start=start, limit=n, skip_invalid=True)
-            pr = build_probes(editor, recs[:args.eval_cap] if args.eval_cap else recs)
+            pr = build_probes(editor, recs[:args.eval_cap])  # None: all of them
             ref = argmax_at_targets(editor, pr.loc)
             batches = values.encode_value_batches(tok, [r.prompt for r in recs], [r.target_new for r in recs],
                                                   [r.subject for r in recs], prefixes, micro_batch=64,

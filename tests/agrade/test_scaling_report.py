@@ -84,6 +84,7 @@ def test_plot_draws_the_mean_over_batches(tmp_path, monkeypatch):
 
     drawn = []
     real_plot = matplotlib.axes.Axes.plot
+
     def recording_plot(self, x, y, *args, **kwargs):
         drawn.append((list(x), list(y)))
         return real_plot(self, x, y, *args, **kwargs)
