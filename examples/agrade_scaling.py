@@ -39,6 +39,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 HPARAMS = "hparams/AGRADE/smollm2-135m"
 SETS = {
@@ -272,11 +273,11 @@ def several_batches(rows: list[dict]) -> bool:
     return any(r.get("batch", 0) for r in rows)
 
 
-def batch_summary(rows: list[dict]) -> list[dict]:
+def batch_summary(rows: list[dict], metrics: Sequence[str] = SUMMARY_METRICS) -> list[dict]:
     """One entry per (set, N, editor) over its batches (one batch without ``--batches``) — ``batches``, ``mean``
-    and sample ``sd`` (None for one batch) of ES, GS, LS, Score and perplexity, and for every editor after the
-    first edited one its Score difference to that one on the same batches (``paired``: mean, sd, how many batches
-    it scored higher). Failed rows are left out."""
+    and sample ``sd`` (None for one batch) of ``metrics`` (ES, GS, LS, Score and perplexity), and for every editor
+    after the first edited one its Score difference to that one on the same batches (``paired``: mean, sd, how many
+    batches it scored higher). Failed rows are left out."""
     import statistics
 
     ok = [r for r in rows if "error" not in r]
@@ -289,8 +290,8 @@ def batch_summary(rows: list[dict]) -> list[dict]:
     out = []
     for (set_name, n, editor), rs in groups.items():
         entry = {"set": set_name, "n": n, "editor": editor, "batches": len(rs),
-                 "mean": {k: statistics.fmean(r[k] for r in rs) for k in SUMMARY_METRICS},
-                 "sd": {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else None for k in SUMMARY_METRICS}}
+                 "mean": {k: statistics.fmean(r[k] for r in rs) for k in metrics},
+                 "sd": {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else None for k in metrics}}
         ref_name = first_edited.get((set_name, n))
         if editor not in ("unedited", ref_name) and ref_name is not None:
             ref = {r.get("batch", 0): r["score"] for r in groups[(set_name, n, ref_name)]}
@@ -306,23 +307,31 @@ def batch_summary_markdown(results: dict) -> list[str]:
     """The Markdown of :func:`batch_summary` (empty when every row is batch 0)."""
     if not several_batches(results["rows"]):
         return []
+    return ["", "Over the disjoint batches (mean ± sample sd; paired = Score minus the first editor's on the same "
+            "batches, and in how many batches it was higher):", "",
+            "| set | N | editor | batches | ES | GS | LS | Score | ppl × unedited | paired Score difference |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *summary_table_rows(batch_summary(results["rows"]), SUMMARY_METRICS, {"ppl": results["ppl_unedited"]})]
 
-    def cell(e, k, scale=1.0):
-        sd = e["sd"][k]
-        return f"{e['mean'][k] / scale:.3f}" + ("" if sd is None else f" ± {sd / scale:.3f}")
 
-    lines = ["", "Over the disjoint batches (mean ± sample sd; paired = Score minus the first editor's on the same "
-             "batches, and in how many batches it was higher):", "",
-             "| set | N | editor | batches | ES | GS | LS | Score | ppl × unedited | paired Score difference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for e in batch_summary(results["rows"]):
+def summary_table_rows(summary: list[dict], metrics: Sequence[str], scale: dict[str, float] | None = None
+                       ) -> list[str]:
+    """Markdown rows of :func:`batch_summary`'s entries: set, N, editor, batches, mean ± sd of each of ``metrics``
+    (divided by ``scale[metric]`` where given) and the paired Score difference."""
+    scale = scale or {}
+
+    def cell(e, k):
+        sd, s = e["sd"][k], scale.get(k, 1.0)
+        return f"{e['mean'][k] / s:.3f}" + ("" if sd is None else f" ± {sd / s:.3f}")
+
+    lines = []
+    for e in summary:
         pair = e.get("paired")
         pair_text = "–" if not pair or pair["mean"] is None else (
             f"{pair['mean']:+.3f}" + ("" if pair["sd"] is None else f" ± {pair['sd']:.3f}")
             + f" vs {pair['against']} ({pair['wins']}/{pair['batches']} higher)")
-        lines.append(f"| {e['set']} | {e['n']} | {e['editor']} | {e['batches']} | {cell(e, 'es')} | {cell(e, 'gs')} | "
-                     f"{cell(e, 'ls')} | {cell(e, 'score')} | {cell(e, 'ppl', results['ppl_unedited'])} | "
-                     f"{pair_text} |")
+        lines.append(f"| {e['set']} | {e['n']} | {e['editor']} | {e['batches']} | "
+                     + " | ".join(cell(e, k) for k in metrics) + f" | {pair_text} |")
     return lines
 
 

@@ -11,7 +11,10 @@ solves for each λ (the executor does both per call), reporting ES / GS / LS / S
 scaling report) and perplexity on held-out *statistics* text (``wiki.valid.tokens`` windows after C₀'s tokens —
 never the test text). Sets as ``examples/agrade_scaling.py``: ``cf-val``, ``zsre-val``, and ``cf-train`` (CounterFact's
 training split: no setting of the value path was trained on it, so it chooses settings for batches larger than
-counterfact-val; ``--eval-cap`` then scores the first records of the batch only).
+counterfact-val; ``--eval-cap`` then scores the first records of the batch only). ``--batches K`` repeats every
+set and N on K disjoint record batches (records [b·N, (b+1)·N), each on the unedited model) and prints each
+setting's mean ± sd and its paired Score difference to the first setting — one validation batch moves by
+±0.02–0.03, so a choice should hold across batches (``agrade_scaling.batch_summary``).
 
 Example::
 
@@ -30,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agrade_generalization import SETS  # noqa: E402
+from agrade_scaling import batch_summary, summary_table_rows  # noqa: E402
 
 #: the value path has no trained network, so CounterFact's training split is not seen by any of its settings and
 #: can choose them where counterfact-val (1,919 records) is too small (4,096 edits in one batch); the hypernetwork
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--eval-cap", type=int, default=None,
                    help="ES/GS/LS on the first this many edits of each batch (default: all of them)")
+    p.add_argument("--batches", type=int, default=1,
+                   help="disjoint batches of N records per set and N (records [b*N, (b+1)*N)); K > 1 adds mean ± sd")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/agrade_value_site.json")
     args = p.parse_args(argv)
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                + [("value_preserved_keys", k, "keys") for k in args.preserved_keys])
     if not weights:
         p.error("give --lambdas and/or --preserved-keys")
+    if args.batches < 1:
+        p.error(f"--batches must be >= 1, got {args.batches}")
 
     import torch
 
@@ -122,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": " ".join(sys.argv), "unedited_heldout_ppl": ppl0, "rows": []}
     for set_name in args.sets:
         rel, fmt, start = VALUE_SETS[set_name]
-        for n in args.n:
-            recs = read_records(data_file(rel), fmt, start=start, limit=n, skip_invalid=True)
+        all_recs = read_records(data_file(rel), fmt, start=start, limit=max(args.n) * args.batches,
+                                skip_invalid=True)
+        if args.batches > 1 and max(args.n) * args.batches > len(all_recs):
+            raise SystemExit(f"--batches {args.batches} × --n {max(args.n)} needs {max(args.n) * args.batches} "
+                             f"records of {set_name!r}; it has {len(all_recs)}")
+        for n, batch in [(n, b) for n in args.n for b in range(args.batches)]:
+            recs = all_recs[batch * n:(batch + 1) * n]
             pr = build_probes(editor, recs[:args.eval_cap])  # None: all of them
             ref = argmax_at_targets(editor, pr.loc)
             batches = values.encode_value_batches(tok, [r.prompt for r in recs], [r.target_new for r in recs],
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     weight_decay=args.weight_decay, clamp=args.clamp,
                                                     stop_nll=args.stop_nll)
             t_z = time.perf_counter() - t0
-            print(f"[{set_name} N={len(recs)}] value search: {info} in {t_z:.0f}s", flush=True)
+            print(f"[{set_name} N={len(recs)} batch {batch}] value search: {info} in {t_z:.0f}s", flush=True)
             for (field, w, kw), sweeps in [(w, s) for w in weights for s in args.sweeps]:
                 lam = values.preserved_c0_weight(len(recs), **{kw: w})
                 t1 = time.perf_counter()
@@ -145,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           editor.stack.layers[last], h + delta, h, deltas))
                 saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
                 try:
-                    row = {"set": set_name, "n": len(recs), field: w, "c0_weight": lam, "sweeps": sweeps,
+                    row = {"set": set_name, "n": len(recs), "batch": batch,
+                           "editor": f"{field}={w:g}, sweeps={sweeps}", field: w, "c0_weight": lam, "sweeps": sweeps,
                            "prefixes": args.prefixes, "n_evaluated": pr.n,
                            "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
                            "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
@@ -157,14 +171,29 @@ def main(argv: list[str] | None = None) -> int:
                     restore_weights(model, saved)
                 row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
                 results["rows"].append(row)
-                print(f"[{set_name} N={len(recs)} {field}={w:g} (λ {lam:g}) sweeps={sweeps}] ES {row['es']:.3f} GS {row['gs']:.3f} "
+                print(f"[{set_name} N={len(recs)} batch {batch} {field}={w:g} (λ {lam:g}) sweeps={sweeps}] "
+                      f"ES {row['es']:.3f} GS {row['gs']:.3f} "
                       f"LS {row['ls']:.3f}"
                       f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
                       f"{row['max_dw_ratio']:.3f} value met (median) {row['met_median']:.2f} "
                       f"(search {t_z:.0f}s, spread {t_w:.0f}s)", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.batches > 1:
+        results["summary"] = batch_summary(results["rows"], metrics=SUMMARY_METRICS)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print("\n".join(summary_lines(results["summary"])), flush=True)
     return 0
+
+
+#: what the --batches summary averages (held-out perplexity on statistics text, never the test text)
+SUMMARY_METRICS = ("es", "gs", "ls", "score", "heldout_ppl_ratio")
+
+
+def summary_lines(summary: list[dict]) -> list[str]:
+    """Markdown of ``--batches``' summary: per set, N and setting the mean ± sd and the paired Score difference."""
+    return ["| set | N | setting | batches | ES | GS | LS | Score | held-out ppl × | paired Score difference |",
+            "|---|---|---|---|---|---|---|---|---|---|", *summary_table_rows(summary, SUMMARY_METRICS)]
 
 
 if __name__ == "__main__":

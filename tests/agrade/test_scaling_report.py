@@ -98,3 +98,22 @@ def test_plot_draws_the_mean_over_batches(tmp_path, monkeypatch):
     assert ([16, 256], [0.5, 0.25]) in drawn  # Score: one point per N, the batches' mean
     assert ([16, 256], [1.5, 1.5]) in drawn  # perplexity ratio, averaged the same way
     assert ([256], [0.2]) in drawn  # a row without a batch field (older JSON) still plots
+
+
+def test_value_site_summary_averages_heldout_perplexity_per_setting():
+    spec = importlib.util.spec_from_file_location("agrade_value_site_script", SCRIPT.parent / "agrade_value_site.py")
+    site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(site)
+    rows = [{"set": "cf-val", "n": 256, "batch": b, "editor": "value_preserved_weight=10, sweeps=1",
+             "es": 0.9, "gs": g, "ls": 0.8, "score": s, "heldout_ppl_ratio": p}
+            for b, (g, s, p) in enumerate([(0.30, 0.55, 1.04), (0.34, 0.57, 1.06)])] + [
+            {"set": "cf-val", "n": 256, "batch": b, "editor": "value_preserved_weight=5, sweeps=1",
+             "es": 0.9, "gs": 0.35, "ls": 0.75, "score": s, "heldout_ppl_ratio": 1.07}
+            for b, s in enumerate([0.58, 0.56])]
+    lines = site.summary_lines(_script().batch_summary(rows, metrics=site.SUMMARY_METRICS))
+    assert lines[0].startswith("| set | N | setting | batches |") and len(lines) == 4
+    first, second = lines[2], lines[3]
+    assert "| 0.320 ± 0.028 |" in first  # GS mean ± sample sd of 0.30, 0.34
+    assert first.count("|") == second.count("|") == lines[0].count("|")
+    assert "| 1.050 ± 0.014 |" in first  # held-out perplexity ratio, not a test-text one
+    assert "+0.010 ± 0.028 vs value_preserved_weight=10, sweeps=1 (1/2 higher)" in second
