@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ES/GS/LS on the first this many edits of each batch (default: all of them)")
     p.add_argument("--batches", type=int, default=1,
                    help="disjoint batches of N records per set and N (records [b*N, (b+1)*N)); K > 1 adds mean ± sd")
+    p.add_argument("--first-batch", type=int, default=0,
+                   help="start at this batch (batches already measured by an earlier run; its JSON rows combine)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/agrade_value_site.json")
     args = p.parse_args(argv)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --lambdas and/or --preserved-keys")
     if args.batches < 1:
         p.error(f"--batches must be >= 1, got {args.batches}")
+    if not 0 <= args.first_batch < args.batches:
+        p.error(f"--first-batch must be in [0, --batches), got {args.first_batch}")
 
     import torch
 
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batches > 1 and max(args.n) * args.batches > len(all_recs):
             raise SystemExit(f"--batches {args.batches} × --n {max(args.n)} needs {max(args.n) * args.batches} "
                              f"records of {set_name!r}; it has {len(all_recs)}")
-        for n, batch in [(n, b) for n in args.n for b in range(args.batches)]:
+        for n, batch in [(n, b) for n in args.n for b in range(args.first_batch, args.batches)]:
             recs = all_recs[batch * n:(batch + 1) * n]
             pr = build_probes(editor, recs[:args.eval_cap])  # None: all of them
             ref = argmax_at_targets(editor, pr.loc)
