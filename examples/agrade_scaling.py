@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 gen_text = (f" | gen ES {gen['rewrite']['prefix']:.3f} {gen['examples']['rewrite'][0]['generation']!r}"
                             if gen else "")
                 gen_text += f" | value search {value_search_text(row['value_search'])}" if row["value_search"] else ""
+                port_text = row["portability"] if row["portability"] is None else round(row["portability"], 3)
                 print(f"[{set_name} N={n} batch {batch}] {name}: ES {row['es']:.3f} GS {row['gs']:.3f} "
-                      f"LS {row['ls']:.3f} Score {row['score']:.3f} port {row['portability'] if row['portability'] is None else round(row['portability'], 3)} "
+                      f"LS {row['ls']:.3f} Score {row['score']:.3f} port {port_text} "
                       f"ppl {row['ppl']:.1f} edit {edit_s:.1f} s{gen_text}", flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2, default=str))
@@ -309,22 +310,23 @@ def batch_summary_markdown(results: dict) -> list[str]:
         return []
     return ["", "Over the disjoint batches (mean ± sample sd; paired = Score minus the first editor's on the same "
             "batches, and in how many batches it was higher):", "",
-            "| set | N | editor | batches | ES | GS | LS | Score | ppl × unedited | paired Score difference |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-            *summary_table_rows(batch_summary(results["rows"]), SUMMARY_METRICS, {"ppl": results["ppl_unedited"]})]
+            *summary_table(batch_summary(results["rows"]), SUMMARY_METRICS, "editor", "ppl × unedited",
+                           {"ppl": results["ppl_unedited"]})]
 
 
-def summary_table_rows(summary: list[dict], metrics: Sequence[str], scale: dict[str, float] | None = None
-                       ) -> list[str]:
-    """Markdown rows of :func:`batch_summary`'s entries: set, N, editor, batches, mean ± sd of each of ``metrics``
-    (divided by ``scale[metric]`` where given) and the paired Score difference."""
+def summary_table(summary: list[dict], metrics: Sequence[str], who: str, last_metric: str,
+                  scale: dict[str, float] | None = None) -> list[str]:
+    """Markdown table of :func:`batch_summary`'s entries: set, N, ``who`` (the editor column's title), batches,
+    mean ± sd of each of ``metrics`` (ES, GS, LS, Score, then one titled ``last_metric``; divided by
+    ``scale[metric]`` where given) and the paired Score difference."""
     scale = scale or {}
 
     def cell(e, k):
         sd, s = e["sd"][k], scale.get(k, 1.0)
         return f"{e['mean'][k] / s:.3f}" + ("" if sd is None else f" ± {sd / s:.3f}")
 
-    lines = []
+    lines = [f"| set | N | {who} | batches | ES | GS | LS | Score | {last_metric} | paired Score difference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         pair = e.get("paired")
         pair_text = "–" if not pair or pair["mean"] is None else (

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agrade_generalization import SETS  # noqa: E402
-from agrade_scaling import batch_summary, summary_table_rows  # noqa: E402
+from agrade_scaling import batch_summary, summary_table  # noqa: E402
 
 #: the value path has no trained network, so CounterFact's training split is not seen by any of its settings and
 #: can choose them where counterfact-val (1,919 records) is too small (4,096 edits in one batch); the hypernetwork
@@ -196,8 +196,7 @@ SUMMARY_METRICS = ("es", "gs", "ls", "score", "heldout_ppl_ratio")
 
 def summary_lines(summary: list[dict]) -> list[str]:
     """Markdown of ``--batches``' summary: per set, N and setting the mean ± sd and the paired Score difference."""
-    return ["| set | N | setting | batches | ES | GS | LS | Score | held-out ppl × | paired Score difference |",
-            "|---|---|---|---|---|---|---|---|---|---|", *summary_table_rows(summary, SUMMARY_METRICS)]
+    return summary_table(summary, SUMMARY_METRICS, "setting", "held-out ppl ×")
 
 
 if __name__ == "__main__":
