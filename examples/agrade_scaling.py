@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = wikitext_windows(tok, data_dir() / WIKITEXT_FILE, n_windows=args.ppl_windows, window=args.ppl_window)
     prepared_hp = []
     for name, archive, over in editors:
-        settings = {k: v for k, v in over.items() if k not in ("eta_factor", "hparams")}
+        settings = {k: v for k, v in over.items() if k != "hparams"}
         own = AGRADEHyperParams.from_hparams(over["hparams"]) if "hparams" in over else base
         prepared_hp.append(AGRADEHyperParams.from_dict(dict(own.to_dict(), **settings, batch_size=max(args.n))))
     # the probes run from the lowest edited layer of any editor, so every editor's ΔW is inside what they measure
@@ -155,10 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             path = str(find_archive(model, hp)) if archive == "shipped" else archive
             hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
             nets = load_networks(path, model, hp)
-        if "eta_factor" in over:  # every module's η of eq 1 times this factor (what calibrate searches)
-            with torch.no_grad():
-                for net in nets.nets.values():
-                    net.lr.mul_(float(over["eta_factor"]))
         results["editors"][name] = {"archive": path, "overrides": over}
         prepared.append((name, hp, nets))
     for set_name in args.sets:

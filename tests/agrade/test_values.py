@@ -283,3 +283,102 @@ def test_context_prefixes_are_sentences_of_the_corpus(tmp_path):
     assert got == values.context_prefixes(_corpus(tmp_path), 3, seed=0)
     with pytest.raises(ValueError, match="usable sentences"):
         values.context_prefixes(_corpus(tmp_path), 10_000)
+
+
+# --- network_stage: the value edit, then a trained network's edit on the value-edited model -----------------------
+
+def _stage_yamls(tmp_path, tok, **outer):
+    """(model, outer hparams loaded from ``values/v.yaml``, stage hparams as saved in ``nets/stage.yaml``): a tiny
+    AGRADE archive on the LLaMA's layers 1–2 (layer 1 is also a value module) and a value YAML naming it by a path
+    relative to its own folder."""
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+
+    from agrade_helpers import tiny_agrade_archive
+
+    model, stage = tiny_agrade_archive(tmp_path, tok, max_row_zscore=None, max_key_norm_ratio=None,
+                                       max_delta_ratio=None)
+    with torch.no_grad():  # _model's confident logits; the archive's fingerprint covers the edited modules only
+        model.model.embed_tokens.weight.mul_(50.0)
+    (tmp_path / "nets").mkdir()
+    stage.to_yaml(tmp_path / "nets" / "stage.yaml")
+    (tmp_path / "values").mkdir()
+    cfg = dict(_hparams(tmp_path, max_delta_ratio=None).to_dict(), network_stage="../nets/stage", **outer)
+    AGRADEHyperParams.from_dict(cfg).to_yaml(tmp_path / "values" / "v.yaml")
+    return model, AGRADEHyperParams.from_hparams(tmp_path / "values" / "v"), stage
+
+
+def test_network_stage_is_the_networks_edit_of_the_value_edited_model_added_to_the_value_edit(tok, tmp_path):
+    from easyedit_agrade.core.weights import apply_deltas, restore_weights
+    from easyedit_agrade.models.agrade import AGRADEHyperParams
+    from easyedit_agrade.models.agrade.agrade_main import apply_agrade_to_model
+    from easyedit_agrade.models.agrade.archive import build_networks, load_networks
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+
+    model, hp, stage = _stage_yamls(tmp_path, tok, network_stage_eta_factor=0.5)
+    assert hp.network_stage == str(tmp_path / "values" / ".." / "nets" / "stage")
+    stage_hp = hp.network_stage_hparams()
+    assert stage_hp.eta_factor == 0.5 and stage_hp.inner_params == stage.inner_params
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts, targets, subjects = ([f[i] for f in FACTS] for i in range(3))
+    # reference: the value edit alone, written into the weights; then the network's edit of that model
+    nets = load_networks(stage.archive, model, stage_hp, dtype=torch.float64)  # fingerprint of the unedited model
+    alone = AGRADEHyperParams.from_dict(dict(hp.to_dict(), network_stage=None))
+    first = AGRADEEditor(model, tok, alone, build_networks(model, alone)).edit_deltas(prompts, targets,
+                                                                                       subjects=subjects)
+    saved = apply_deltas(model, first.deltas)
+    with torch.enable_grad():
+        second = AGRADEEditor(model, tok, stage_hp, nets).edit_deltas(prompts, targets, subjects=subjects)
+    restore_weights(model, saved)
+    with torch.enable_grad():
+        on_unedited = AGRADEEditor(model, tok, stage_hp, nets).edit_deltas(prompts, targets, subjects=subjects)
+    shared = "model.layers.1.mlp.down_proj"
+    assert set(first.deltas) == {"model.layers.0.mlp.down_proj", shared}
+    assert set(second.deltas) == {shared, "model.layers.2.mlp.down_proj"}
+    assert not torch.allclose(second.deltas[shared], on_unedited.deltas[shared], rtol=1e-3)  # it sees the edit
+
+    model, weights_copy = apply_agrade_to_model(model, tok, [dict(prompt=p, target_new=t, subject=s)
+                                                             for p, t, s in FACTS], hp, return_orig_weights=True)
+    assert sorted(weights_copy) == sorted({*PARAMS, *stage.inner_params})
+    for module in {*first.deltas, *second.deltas}:
+        want = first.deltas.get(module, 0) + second.deltas.get(module, 0)
+        got = model.get_parameter(module + ".weight").detach() - before[module + ".weight"]
+        torch.testing.assert_close(got, want.T, rtol=1e-6, atol=1e-9)  # editor layout (in, out) → weight (out, in)
+    (search,) = weights_copy.report.to_dict()["value_search"]
+    assert search["network_stage"]["modules"] == 2 and search["network_stage"]["eta_factor"] == 0.5
+    restore_weights(model, weights_copy)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_eta_factor_scales_the_network_edit_and_one_is_bit_identical(tok):
+    from agrade_helpers import records, tiny_editor
+
+    recs = records(4)
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    base = tiny_editor(tok)
+    with torch.enable_grad():
+        d1 = base.edit_deltas(prompts, targets).deltas
+        same = tiny_editor(tok, eta_factor=1.0).edit_deltas(prompts, targets).deltas
+        half = tiny_editor(tok, eta_factor=0.5).edit_deltas(prompts, targets).deltas
+    assert all(torch.equal(d1[k], same[k]) for k in d1)
+    for k in d1:  # eqs 1–2, 4 and 5 are linear in η: half the step, half the ΔW
+        torch.testing.assert_close(half[k], 0.5 * d1[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(value_source="hypernet", network_stage="x"), "network_stage .* needs value_source: optimized"),
+    (dict(network_stage_eta_factor=0.0), "network_stage_eta_factor"),
+    (dict(eta_factor=float("nan")), "eta_factor"),
+    (dict(eta_factor=True), "eta_factor"),
+])
+def test_bad_network_stage_settings_name_the_field(tmp_path, over, match):
+    with pytest.raises(HyperParamsError, match=match):
+        _hparams(tmp_path, **over)
+
+
+def test_a_missing_or_value_network_stage_is_an_error_naming_the_field(tmp_path):
+    missing = _hparams(tmp_path, network_stage=str(tmp_path / "nowhere"))
+    with pytest.raises(HyperParamsError, match=r"network_stage: .*nowhere\.yaml does not exist"):
+        missing.network_stage_hparams()
+    _hparams(tmp_path).to_yaml(tmp_path / "values.yaml")  # a value edit cannot be the stage
+    with pytest.raises(HyperParamsError, match="must be a trained network's edit"):
+        _hparams(tmp_path, network_stage=str(tmp_path / "values")).network_stage_hparams()

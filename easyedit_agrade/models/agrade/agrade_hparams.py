@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, List, Literal, Optional, Union
 
 from ...core.editor_hparams import EditorHyperParams, EditorTrainingFields
@@ -130,6 +131,17 @@ class AGRADEHyperParams(EditorHyperParams):
     value_preserved_weight: Optional[float] = 10.0
     value_preserved_keys: Optional[float] = None
     value_sweeps: int = 1
+    #: with ``value_source: optimized``: a second edit of the same batch by a trained network — the AGRADE hparams
+    #: file named here (``.yaml`` optional; a relative path is resolved against the folder of the YAML that names
+    #: it), with its own modules, archive and guards — computed on the model with the value ΔW added and its η
+    #: (eq 1) times ``network_stage_eta_factor``. The batch's ΔW is the sum of both; the network places much of
+    #: what the value solve leaves unmet at thousands of edits (docs/agrade_scaling.md, *Value edit, then the
+    #: network*). None: the value edit alone
+    network_stage: Optional[str] = None
+    network_stage_eta_factor: float = 1.0
+    #: every module's η of eq 1 times this when editing (a smaller or larger step than the archive's learned η for
+    #: batches unlike the training edits; not used in training). 1: the learned η, bit-identical
+    eta_factor: float = 1.0
     # max_delta_ratio (a shared field, default 10): the largest module ratio measured with the shipped archive on
     # the embedded model: 1 CounterFact edit 0.02–0.12, 16: 0.18, 256: 1.0, zsRE 256: 2.9, CounterFact 1,024: 4.7
     # (the largest documented batch; bench pool 512, which collapses the model, 5.6)
@@ -186,10 +198,42 @@ class AGRADEHyperParams(EditorHyperParams):
         if self.value_source == "optimized" and (self.edit_rounds != 1 or self.max_heldout_ppl_ratio is not None):
             raise HyperParamsError("value_source: optimized makes its edit in one solve: set edit_rounds: 1 and "
                                    "max_heldout_ppl_ratio: null")
+        for key in ("eta_factor", "network_stage_eta_factor"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise HyperParamsError(f"{key} must be a finite number > 0, got {v!r}")
+        if self.network_stage is not None and self.value_source != "optimized":
+            raise HyperParamsError("network_stage (a trained network's edit after the value edit) needs value_source: "
+                                   "optimized")
         if self.max_preserved_change is not None and not self.max_preserved_change > 0:
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path, overrides: dict | None = None):
+        """As :meth:`~easyedit_agrade.hparams.HyperParams.from_hparams`; a relative ``network_stage`` is resolved
+        against this YAML's folder."""
+        obj = super().from_hparams(hparams_name_or_path, overrides)
+        if obj.network_stage is not None and not Path(obj.network_stage).is_absolute():
+            obj.network_stage = str(Path(obj._source_path).parent / obj.network_stage)
+        return obj
+
+    def network_stage_hparams(self) -> "AGRADEHyperParams | None":
+        """The hparams of ``network_stage`` (its η times ``network_stage_eta_factor``), or None without one.
+        Raises :class:`HyperParamsError` naming the field when the file is missing or is not a network edit."""
+        if self.network_stage is None:
+            return None
+        try:
+            stage = AGRADEHyperParams.from_hparams(self.network_stage)
+        except FileNotFoundError as exc:
+            raise HyperParamsError(f"network_stage: {exc}") from None
+        if stage.value_source != "hypernet" or stage.network_stage is not None:
+            raise HyperParamsError(f"network_stage: {self.network_stage} must be a trained network's edit "
+                                   f"(value_source: hypernet, no network_stage of its own)")
+        return AGRADEHyperParams.from_dict(dict(stage.to_dict(),
+                                                eta_factor=stage.eta_factor * self.network_stage_eta_factor),
+                                           source=f"network_stage {self.network_stage}")
 
     def value_c0_weight(self, n_edits: int) -> float:
         """λ on C₀ in the value solve for a batch of ``n_edits`` (:func:`.values.preserved_c0_weight`)."""

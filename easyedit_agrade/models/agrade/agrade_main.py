@@ -69,7 +69,9 @@ def execute_agrade(model, tok, requests, hparams: AGRADEHyperParams, nets=None,
     records = records_from_requests(requests)
     check_requests(tok, [r.prompt for r in records], [r.target_new for r in records], hparams.max_length,
                    method="AGRADE")
-    editor = CountingAGRADEEditor(model, tok, hparams, nets)
+    stage_hp = hparams.network_stage_hparams()  # value edit, then a trained network's: its archive, cached too
+    stage_nets = _networks_for(model, stage_hp)[0] if stage_hp is not None else None
+    editor = CountingAGRADEEditor(model, tok, hparams, nets, stage_nets=stage_nets)
 
     def edit_chunk(start: int, stop: int, report) -> dict[str, torch.Tensor]:
         chunk = coll.shard(records[start:stop])

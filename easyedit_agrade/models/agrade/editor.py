@@ -18,6 +18,7 @@ Two ways through eqs 1–5 (:meth:`AGRADEEditor.compute` picks one; they agree t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -89,7 +90,9 @@ class AGRADEEditor(HypernetEditor):
     """Computes AGRADE weight edits for a model with a given :class:`EditorNetworks` (encoding, lower layers and
     the H/∇G cache: :class:`~easyedit_agrade.core.editor_base.HypernetEditor`)."""
 
-    def __init__(self, model: nn.Module, tok, hparams: AGRADEHyperParams, nets: EditorNetworks) -> None:
+    def __init__(self, model: nn.Module, tok, hparams: AGRADEHyperParams, nets: EditorNetworks,
+                 stage_nets: EditorNetworks | None = None) -> None:
+        """``stage_nets``: the trained network of ``hparams.network_stage`` (default: loaded from its archive)."""
         super().__init__(model, tok, hparams, nets)
         self.switches: Switches = hparams.switches()
         #: True while :meth:`edit_in_rounds` solves round 2 or later (the guard counters count round 1 only)
@@ -104,6 +107,15 @@ class AGRADEEditor(HypernetEditor):
                 or self.optimized_values):
             self.second_moments, keys = preserved_keys_for(model, tok, hparams)
             self.preserved = keys if hparams.uses_preserved_keys() else None
+        #: ``hparams.network_stage``: the editor of the network edit that follows the value edit (same class)
+        self.network_stage: AGRADEEditor | None = None
+        stage_hp = hparams.network_stage_hparams() if hasattr(hparams, "network_stage_hparams") else None
+        if stage_hp is not None:
+            if stage_nets is None:
+                from .archive import find_archive, load_networks
+
+                stage_nets = load_networks(str(find_archive(model, stage_hp)), model, stage_hp, dtype=self.dtype)
+            self.network_stage = type(self)(model, tok, stage_hp, stage_nets)
 
     def module_G(self, name: str, H: torch.Tensor, grad: torch.Tensor, G_prev: torch.Tensor | None,
                  collective: Collective | None = None,
@@ -124,13 +136,16 @@ class AGRADEEditor(HypernetEditor):
         rows outside the frozen normaliser's distribution (``hparams.max_row_zscore``; not while training): see
         :mod:`.outliers`."""
         H_tilde, grad_tilde = self.nets(name, H, grad)
+        net = self.nets.net(name)
         if self.switches.adjustment:
-            G = eq.eq1_eq2_adjusted_gradient(H, H_tilde, grad_tilde, self.nets.lr(name),
-                                             backend=self.hparams.kernels_backend)
+            eta = self.nets.lr(name)
+            factor = float(getattr(self.hparams, "eta_factor", 1.0))
+            if factor != 1.0 and not net.training:  # hparams.eta_factor: editing only, never in training
+                eta = eta * factor
+            G = eq.eq1_eq2_adjusted_gradient(H, H_tilde, grad_tilde, eta, backend=self.hparams.kernels_backend)
         else:
             G = grad_tilde
         G = suppress_massive_rows(G, H, getattr(self.hparams, "max_key_norm_ratio", None), key_reference)
-        net = self.nets.net(name)
         if not net.training:  # frozen normaliser: editing and validation (see outliers.out_of_distribution_rows)
             G = suppress_rows(G, out_of_distribution_rows(net.normalizer, H, grad,
                                                           getattr(self.hparams, "max_row_zscore", None)))
@@ -340,7 +355,7 @@ class AGRADEEditor(HypernetEditor):
         if self.optimized_values:
             result = self.edit_with_values(prompts, targets, subjects, collective)
             self.check_preserved_change(result)
-            return result
+            return self.add_network_stage(result, prompts, targets, subjects)
         if self.hparams.key_positions != "target" and subjects is None:
             raise ValueError("key_positions: target+subject needs the requests' subjects (edit_deltas(..., subjects=))")
         result = self.solve(self.encode(prompts, targets, subjects=subjects), collective)
@@ -391,6 +406,25 @@ class AGRADEEditor(HypernetEditor):
         return EditResult(deltas={n: d.to(dtype) for n, d in deltas.items()}, cache_loss=float(info["nll_start"]),
                           n_tokens=sum(int(vb.mb.predict_mask[vb.plain.to(self.device)].sum()) for vb in batches),
                           values=info)
+
+    def add_network_stage(self, first: EditResult, prompts: Sequence[str], targets: Sequence[str],
+                          subjects: Sequence[str | None] | None) -> EditResult:
+        """``first`` plus, with ``hparams.network_stage``, the stage network's ΔW for the same requests computed on
+        the model with ``first``'s ΔW added (temporary hooks: the model is unchanged when this returns), summed per
+        module; the stage's own guards and preserved-change check apply to its part. ``values["network_stage"]``
+        reports the stage's cache loss (the edit prompts' target NLL after the value edit)."""
+        if self.network_stage is None:
+            return first
+        with added_deltas(self.model, first.deltas), torch.enable_grad():
+            second = self.network_stage.edit_deltas(prompts, targets, subjects=subjects)
+        deltas = dict(first.deltas)
+        for name, delta in second.deltas.items():
+            deltas[name] = deltas[name] + delta if name in deltas else delta
+        stage = {"modules": len(second.deltas), "cache_loss": second.cache_loss, "n_tokens": second.n_tokens,
+                 "eta_factor": float(self.network_stage.hparams.eta_factor)}
+        return dataclasses.replace(first, deltas=deltas, preserved_change={**first.preserved_change,
+                                                                           **second.preserved_change},
+                                   mu_shift=second.mu_shift, values=dict(first.values, network_stage=stage))
 
     def solve(self, mbs: Sequence[MicroBatch], collective: Collective | None = None) -> EditResult:
         """ΔW for already encoded edit micro-batches, as the executor computes it: one cache pass and solve, or

@@ -38,7 +38,9 @@ class CountingAGRADEEditor(AGRADEEditor):
 
 def note_suppressed(editor: CountingAGRADEEditor, report: EditReport) -> None:
     """Add the editor's counts for the chunk just computed to ``report`` and warn about modules that got no edit
-    signal (a row is one target position, seen once in every module)."""
+    signal (a row is one target position, seen once in every module); with ``network_stage`` its editor's too."""
+    if getattr(editor, "network_stage", None) is not None:
+        note_suppressed(editor.network_stage, report)
     counts = editor.suppressed
     editor.reset_counts()
     if not counts:
