@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="disjoint batches of N records per set and N (records [b*N, (b+1)*N)); K > 1 adds mean ± sd")
     p.add_argument("--first-batch", type=int, default=0,
                    help="start at this batch (batches already measured by an earlier run; its JSON rows combine)")
+    p.add_argument("--network-etas", nargs="+", type=float, default=[],
+                   help="also measure each solve followed by the trained network's edit (network_stage) with its η "
+                        "times each of these factors (network_stage_eta_factor)")
+    p.add_argument("--network-hparams", default=HPARAMS,
+                   help="the network_stage's YAML (its modules, archive and guards; default: the shipped network)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/agrade_value_site.json")
     args = p.parse_args(argv)
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                + [("value_preserved_keys", k, "keys") for k in args.preserved_keys])
     if not weights:
         p.error("give --lambdas and/or --preserved-keys")
+    if any(not f > 0 for f in args.network_etas):
+        p.error(f"--network-etas must be > 0, got {args.network_etas}")
     if args.batches < 1:
         p.error(f"--batches must be >= 1, got {args.batches}")
     if not 0 <= args.first_batch < args.batches:
@@ -103,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from easyedit_agrade.core.preserved_stats import preserved_second_moments, resolve_corpus
     from easyedit_agrade.core.tokenize import spread_windows
-    from easyedit_agrade.core.weights import apply_deltas, restore_weights
+    from easyedit_agrade.core.weights import added_deltas, apply_deltas, restore_weights
     from easyedit_agrade.models.agrade import values
     from easyedit_agrade.dataset import read_records
     from easyedit_agrade.lm import load_model_and_tokenizer
     from easyedit_agrade.models.agrade import AGRADEHyperParams
     from easyedit_agrade.models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean
-    from easyedit_agrade.models.agrade.archive import build_networks
+    from easyedit_agrade.models.agrade.archive import build_networks, find_archive, load_networks
     from easyedit_agrade.models.agrade.editor import AGRADEEditor
     from easyedit_agrade.paths import data_file
 
@@ -121,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     hp = AGRADEHyperParams.from_dict(dict(base.to_dict(), inner_params=names, use_preserved_cov=False,
                                           max_length=128, archive=None, preserved_change_budget=None))
     editor = AGRADEEditor(model, tok, hp, build_networks(model, hp))
+    stage_editors = {}  # the network_stage per η factor, built on the unedited model (its archive, its C₀)
+    if args.network_etas:
+        stage_hp = AGRADEHyperParams.from_hparams(args.network_hparams)
+        stage_nets = load_networks(str(find_archive(model, stage_hp)), model, stage_hp)
+        stage_editors = {f: AGRADEEditor(model, tok, AGRADEHyperParams.from_dict(dict(stage_hp.to_dict(),
+                                                                                  eta_factor=f)), stage_nets)
+                         for f in args.network_etas}
     C0 = preserved_second_moments(model, tok, editor.stack.module_names, corpus=base.preserved_corpus,
                                   n_tokens=base.preserved_tokens, window=base.preserved_window,
                                   root=base.preserved_stats_dir, progress=True)
@@ -160,29 +174,40 @@ def main(argv: list[str] | None = None) -> int:
                 t_w = time.perf_counter() - t1
                 met = values.met_summary(values.met_share(model, batches, len(recs), editor.stack.module_names,
                                                           editor.stack.layers[last], h + delta, h, deltas))
-                saved = apply_deltas(model, {k: d.float() for k, d in deltas.items()})
-                try:
-                    row = {"set": set_name, "n": len(recs), "batch": batch,
-                           "editor": f"{field}={w:g}, sweeps={sweeps}", field: w, "c0_weight": lam, "sweeps": sweeps,
-                           "prefixes": args.prefixes, "n_evaluated": pr.n,
-                           "es": accuracy(editor, pr.edit, pr.n), "gs": accuracy(editor, pr.equiv, pr.n),
-                           "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
-                           "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
-                           "max_dw_ratio": max(float(d.norm() / saved[k + ".weight"].double().norm())
-                                               for k, d in deltas.items()),
-                           **met, "search": info, "z_seconds": t_z, "solve_seconds": t_w}
-                finally:
-                    restore_weights(model, saved)
-                row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
-                results["rows"].append(row)
-                print(f"[{set_name} N={len(recs)} batch {batch} {field}={w:g} (λ {lam:g}) sweeps={sweeps}] "
-                      f"ES {row['es']:.3f} GS {row['gs']:.3f} "
-                      f"LS {row['ls']:.3f}"
-                      f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
-                      f"{row['max_dw_ratio']:.3f} value met (median) {row['met_median']:.2f} "
-                      f"(search {t_z:.0f}s, spread {t_w:.0f}s)", flush=True)
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=2))
+                for eta in [None, *args.network_etas]:
+                    total, t2 = dict(deltas), time.perf_counter()
+                    if eta is not None:  # the executor's add_network_stage: the network's edit of the edited model
+                        with added_deltas(model, deltas), torch.enable_grad():
+                            stage = stage_editors[eta].edit_deltas([r.prompt for r in recs],
+                                                                   [r.target_new for r in recs],
+                                                                   subjects=[r.subject for r in recs])
+                        for k, d in stage.deltas.items():
+                            total[k] = total[k] + d.double() if k in total else d.double()
+                    t_n = time.perf_counter() - t2
+                    label = f"{field}={w:g}, sweeps={sweeps}" + (f", network η×{eta:g}" if eta is not None else "")
+                    saved = apply_deltas(model, {k: d.float() for k, d in total.items()})
+                    try:
+                        row = {"set": set_name, "n": len(recs), "batch": batch, "editor": label, field: w,
+                               "c0_weight": lam, "sweeps": sweeps, "network_eta": eta, "prefixes": args.prefixes,
+                               "n_evaluated": pr.n, "es": accuracy(editor, pr.edit, pr.n),
+                               "gs": accuracy(editor, pr.equiv, pr.n),
+                               "ls": accuracy(editor, pr.loc, pr.n, reference=ref),
+                               "heldout_ppl_ratio": heldout_ppl(model, windows) / ppl0,
+                               "max_dw_ratio": max(float(d.norm() / saved[k + ".weight"].double().norm())
+                                                   for k, d in total.items()),
+                               **met, "search": info, "z_seconds": t_z, "solve_seconds": t_w,
+                               "network_seconds": t_n if eta is not None else None}
+                    finally:
+                        restore_weights(model, saved)
+                    row["score"] = harmonic_mean(row["es"], row["gs"], row["ls"])
+                    results["rows"].append(row)
+                    print(f"[{set_name} N={len(recs)} batch {batch} {label} (λ {lam:g})] "
+                          f"ES {row['es']:.3f} GS {row['gs']:.3f} LS {row['ls']:.3f}"
+                          f" Score {row['score']:.3f} held-out ppl ×{row['heldout_ppl_ratio']:.3f} max ‖ΔW‖/‖W‖ "
+                          f"{row['max_dw_ratio']:.3f} value met (median) {row['met_median']:.2f} "
+                          f"(search {t_z:.0f}s, spread {t_w:.0f}s, network {t_n:.0f}s)", flush=True)
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out).write_text(json.dumps(results, indent=2))
     if args.batches > 1:
         results["summary"] = batch_summary(results["rows"], metrics=SUMMARY_METRICS)
         Path(args.out).write_text(json.dumps(results, indent=2))
