@@ -36,6 +36,8 @@ def test_loads_shipped_files_and_appends_yaml():
 def test_every_shipped_agrade_yaml_loads_and_validates(path):
     hp = AGRADEHyperParams.from_hparams(str(path)[: -len(".yaml")])
     assert hp.alg_name == "AGRADE" and hp.inner_params
+    stage = hp.network_stage_hparams()  # a named network stage resolves next to the YAML, from any working dir
+    assert stage is None or (stage.value_source == "hypernet" and stage.eta_factor == hp.network_stage_eta_factor)
 
 
 def test_scientific_notation_strings_become_floats(tmp_path):
