@@ -14,7 +14,9 @@ training split: no setting of the value path was trained on it, so it chooses se
 counterfact-val; ``--eval-cap`` then scores the first records of the batch only). ``--batches K`` repeats every
 set and N on K disjoint record batches (records [b·N, (b+1)·N), each on the unedited model) and prints each
 setting's mean ± sd and its paired Score difference to the first setting — one validation batch moves by
-±0.02–0.03, so a choice should hold across batches (``agrade_scaling.batch_summary``).
+±0.02–0.03, so a choice should hold across batches (``agrade_scaling.batch_summary``). ``--network-etas F …``
+also measures every solve followed by the trained network's edit of the value-edited model (``network_stage``,
+the network of ``--network-hparams``) with its η times each F (``network_stage_eta_factor``).
 
 Example::
 
