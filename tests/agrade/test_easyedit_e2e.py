@@ -89,8 +89,9 @@ def test_shipped_archive_found_without_editing_yaml(editor_and_hparams):
 
 @pytest.mark.slow
 def test_value_optimised_yaml_edits_through_base_editor():
-    """hparams/AGRADE/smollm2-135m-values.yaml (``value_source: optimized``, layers 3–7, no archive) through
-    EasyEdit's ``batch_edit`` with the requests' subjects: the edits take effect, and EasyEdit restores exactly."""
+    """hparams/AGRADE/smollm2-135m-values.yaml (``value_source: optimized``, layers 3–7, then the shipped network on
+    layers 24–29 as its ``network_stage``) through EasyEdit's ``batch_edit`` with the requests' subjects: the edits
+    take effect, both stages' weights are in the restore copy, and EasyEdit restores exactly."""
     import easyedit_agrade
     from easyedit_agrade.integration.cpu_compat import cuda_on_cpu
     from easyedit_agrade.models.agrade import AGRADEHyperParams
@@ -107,7 +108,7 @@ def test_value_optimised_yaml_edits_through_base_editor():
             prompts=[r.prompt for r in recs], target_new=[r.target_new for r in recs],
             ground_truth=[r.ground_truth for r in recs], rephrase_prompts=[r.rephrase_prompt for r in recs],
             subject=[r.subject for r in recs], keep_original_weight=True, verbose=False, **locality_kwargs(recs))
-    assert set(weights_copy) == set(hp.inner_params)
+    assert set(weights_copy) == set(hp.inner_params) | set(hp.network_stage_hparams().inner_params)
     after = editor.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     s = summarize_easyedit_metrics(metrics)
