@@ -112,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from easyedit_agrade.core.preserved_stats import preserved_second_moments, resolve_corpus
     from easyedit_agrade.core.tokenize import spread_windows
-    from easyedit_agrade.core.weights import added_deltas, apply_deltas, restore_weights
+    from easyedit_agrade.core.weights import apply_deltas, restore_weights
     from easyedit_agrade.models.agrade import values
     from easyedit_agrade.dataset import read_records
     from easyedit_agrade.lm import load_model_and_tokenizer
     from easyedit_agrade.models.agrade import AGRADEHyperParams
     from easyedit_agrade.models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean
     from easyedit_agrade.models.agrade.archive import build_networks, find_archive, load_networks
-    from easyedit_agrade.models.agrade.editor import AGRADEEditor
+    from easyedit_agrade.models.agrade.editor import AGRADEEditor, network_stage_deltas
     from easyedit_agrade.paths import data_file
 
     torch.set_num_threads(args.threads)
@@ -179,12 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 for eta in [None, *args.network_etas]:
                     total, t2 = dict(deltas), time.perf_counter()
                     if eta is not None:  # the executor's add_network_stage: the network's edit of the edited model
-                        with added_deltas(model, deltas), torch.enable_grad():
-                            stage = stage_editors[eta].edit_deltas([r.prompt for r in recs],
-                                                                   [r.target_new for r in recs],
-                                                                   subjects=[r.subject for r in recs])
-                        for k, d in stage.deltas.items():
-                            total[k] = total[k] + d.double() if k in total else d.double()
+                        total, _ = network_stage_deltas(model, stage_editors[eta], deltas, [r.prompt for r in recs],
+                                                        [r.target_new for r in recs], [r.subject for r in recs])
                     t_n = time.perf_counter() - t2
                     label = f"{field}={w:g}, sweeps={sweeps}" + (f", network η×{eta:g}" if eta is not None else "")
                     saved = apply_deltas(model, {k: d.float() for k, d in total.items()})

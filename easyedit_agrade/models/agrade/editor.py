@@ -415,11 +415,7 @@ class AGRADEEditor(HypernetEditor):
         reports the stage's cache loss (the edit prompts' target NLL after the value edit)."""
         if self.network_stage is None:
             return first
-        with added_deltas(self.model, first.deltas), torch.enable_grad():
-            second = self.network_stage.edit_deltas(prompts, targets, subjects=subjects)
-        deltas = dict(first.deltas)
-        for name, delta in second.deltas.items():
-            deltas[name] = deltas[name] + delta if name in deltas else delta
+        deltas, second = network_stage_deltas(self.model, self.network_stage, first.deltas, prompts, targets, subjects)
         stage = {"modules": len(second.deltas), "cache_loss": second.cache_loss, "n_tokens": second.n_tokens,
                  "eta_factor": float(self.network_stage.hparams.eta_factor)}
         return dataclasses.replace(first, deltas=deltas, preserved_change={**first.preserved_change,
@@ -600,6 +596,20 @@ class AGRADEEditor(HypernetEditor):
                 f"{result.preserved_change[worst]:.3g} (E‖kΔW‖²/E‖kW‖²) > max_preserved_change={limit:g}; the model "
                 "was not edited. Edit fewer facts per batch (batch_size), raise log_mu_offset / log_lambda_offset, "
                 "or raise max_preserved_change if you accept the damage")
+
+
+def network_stage_deltas(model: nn.Module, stage: AGRADEEditor, first: dict[str, torch.Tensor],
+                         prompts: Sequence[str], targets: Sequence[str], subjects: Sequence[str | None] | None
+                         ) -> tuple[dict[str, torch.Tensor], EditResult]:
+    """(``first`` + the ``stage`` network's ΔW summed per module, the stage's :class:`EditResult`): the stage's edit
+    of the same requests computed on ``model`` with ``first`` added through temporary hooks (the model is unchanged
+    when this returns). :meth:`AGRADEEditor.add_network_stage`'s step, and the value-site validation's."""
+    with added_deltas(model, first), torch.enable_grad():
+        second = stage.edit_deltas(prompts, targets, subjects=subjects)
+    total = dict(first)
+    for name, delta in second.deltas.items():
+        total[name] = total[name] + delta if name in total else delta
+    return total, second
 
 
 def editor_layout_weight(model: nn.Module, name: str) -> torch.Tensor:
