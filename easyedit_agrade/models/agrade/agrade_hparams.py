@@ -88,6 +88,12 @@ class AGRADEHyperParams(EditorHyperParams):
     preserved_tokens: int = 100_000
     preserved_window: int = 256
     preserved_stats_dir: Optional[str] = None
+    #: question-style preserved keys (:mod:`.preserved_records`): a pool of records (``path[@start:stop]``, the
+    #: training pool syntax; never validation records) whose prompts with their true answers are a second
+    #: statistics text; C₀ = (1 − w)·C₀(corpus) + w·C₀(records) with w = ``preserved_records_weight`` (None or
+    #: w = 0: the corpus alone, bit-identical)
+    preserved_records: Optional[str] = None
+    preserved_records_weight: float = 0.5
     #: refuse a batch whose ΔW would change an edited module's output on ordinary-text keys by more than this,
     #: E‖kΔW‖²/E‖kW‖² = tr(ΔWᵀC₀ΔW)/tr(WᵀC₀W) (needs the key statistics; None: no check)
     max_preserved_change: Optional[float] = None
@@ -209,6 +215,13 @@ class AGRADEHyperParams(EditorHyperParams):
             raise HyperParamsError("max_preserved_change must be > 0 (or null to turn the check off)")
         if self.preserved_tokens < self.preserved_window or self.preserved_window < 2:
             raise HyperParamsError("preserved_tokens must be >= preserved_window >= 2")
+        w = self.preserved_records_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise HyperParamsError(f"preserved_records_weight must be a number in [0, 1], got {w!r}")
+        if self.preserved_records is not None and not (isinstance(self.preserved_records, str)
+                                                       and self.preserved_records.strip()):
+            raise HyperParamsError(f"preserved_records must be a path[@start:stop] string or null, got "
+                                   f"{self.preserved_records!r}")
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path, overrides: dict | None = None):

@@ -663,19 +663,20 @@ _PRESERVED_KEYS: dict[tuple, tuple] = {}
 def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams
                        ) -> tuple[dict[str, torch.Tensor], dict[str, PreservedKeys]]:
     """(C₀, its eigendecomposition) per edited module: C₀ from :mod:`easyedit_agrade.core.preserved_stats`
-    (computed once per model and cached on disk), the eigendecomposition kept per model object and null-space
+    (computed once per model and cached on disk; mixed with the record prompts' statistics when
+    ``preserved_records`` is set, :mod:`.preserved_records`), the eigendecomposition kept per model object and null-space
     threshold in this process."""
     import weakref
 
-    from ...core.preserved_stats import preserved_second_moments
+    from .preserved_records import mixed_second_moments
 
     names = LayerStack(model, list(hparams.inner_params)).module_names
     settings = dict(corpus=hparams.preserved_corpus, n_tokens=int(hparams.preserved_tokens),
-                    window=int(hparams.preserved_window), root=hparams.preserved_stats_dir)
+                    window=int(hparams.preserved_window), root=hparams.preserved_stats_dir,
+                    records=hparams.preserved_records, records_weight=float(hparams.preserved_records_weight))
     threshold = float(hparams.null_space_threshold) if hparams.null_space else None
     key = (id(model), tuple(names), tuple(sorted((k, str(v)) for k, v in settings.items())), threshold)
-    stats = preserved_second_moments(model, tok, names, **settings, progress=True,
-                                     log=lambda s: print(f"[AGRADE] {s}", flush=True))
+    stats = mixed_second_moments(model, tok, names, hparams, log=lambda s: print(f"[AGRADE] {s}", flush=True))
     hit = _PRESERVED_KEYS.get(key)
     if hit is not None and hit[0]() is model:
         return stats, hit[1]

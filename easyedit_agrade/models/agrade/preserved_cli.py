@@ -1,5 +1,6 @@
 """``easyedit-agrade stats HPARAMS``: compute (or find) the key statistics C₀ of the preserved-knowledge term for
-the model and edited modules of an AGRADE hparams YAML, and print where they are cached and their spectra.
+the model and edited modules of an AGRADE hparams YAML (mixed with the record prompts' statistics when
+``preserved_records`` is set), and print where they are cached and their spectra.
 
 Editing and training compute them on first use anyway; this verb does it ahead of time (e.g. before a benchmark)
 and shows what the null-space threshold would keep.
@@ -23,24 +24,28 @@ def stats_main(argv: list[str] | None = None) -> int:
     import torch
 
     from ...core.cache import LayerStack
-    from ...core.preserved_stats import load_or_compute_second_moments, resolve_corpus, stats_file
+    from ...core.preserved_stats import resolve_corpus, stats_file
     from ...hparams import HyperParamsError, parse_set_overrides
     from ...lm import load_model_and_tokenizer
     from .agrade_hparams import AGRADEHyperParams
+    from .preserved_records import mixed_second_moments, record_text_file
 
     torch.set_num_threads(max(1, args.threads))
     try:
         hp = AGRADEHyperParams.from_hparams(args.hparams, parse_set_overrides(args.set))
         corpus = resolve_corpus(hp.preserved_corpus)
+        mixed = hp.preserved_records is not None and hp.preserved_records_weight > 0
+        records_text = record_text_file(hp.preserved_records, hp.preserved_stats_dir) if mixed else None
     except (HyperParamsError, ValueError, FileNotFoundError) as exc:
         print(f"easyedit-agrade stats: {exc}", file=sys.stderr)
         return 2
     model, tok = load_model_and_tokenizer(str(hp.model_name))
     names = LayerStack(model, list(hp.inner_params)).module_names
-    stats = load_or_compute_second_moments(model, tok, names, corpus=corpus, n_tokens=hp.preserved_tokens,
-                                           window=hp.preserved_window, root=hp.preserved_stats_dir,
-                                           log=lambda s: print(s, flush=True))
+    stats = mixed_second_moments(model, tok, names, hp, log=lambda s: print(s, flush=True))
     print(f"cached at {stats_file(model, corpus, hp.preserved_tokens, hp.preserved_window, hp.preserved_stats_dir)}")
+    if records_text is not None:
+        print(f"mixed (weight {hp.preserved_records_weight}) with the statistics of {records_text}, cached at "
+              f"{stats_file(model, records_text, hp.preserved_tokens, hp.preserved_window, hp.preserved_stats_dir)}")
     for name in names:
         s = torch.linalg.eigvalsh(stats[name].double()).clamp_min(0).flip(0)
         energy = s.cumsum(0) / s.sum()
