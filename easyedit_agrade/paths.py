@@ -46,3 +46,10 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return (base / "easyedit-agrade").resolve()
+
+
+def repo_relative(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the repository root when it lies inside it (for reports and JSON committed to the
+    repository: no machine paths), else as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)

@@ -220,11 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     editor = AGRADEEditor(model, tok, hp, nets)
     names = editor.stack.module_names
     prefixes = context_prefixes(data_dir() / "wikitext/wiki.valid.tokens", max(args.prefixes), args.seed)
-    from easyedit_agrade.paths import REPO_ROOT
+    from easyedit_agrade.paths import repo_relative
 
-    shown = Path(path).resolve()
-    shown = str(shown.relative_to(REPO_ROOT)) if shown.is_relative_to(REPO_ROOT) else path
-    results: dict = {"command": " ".join(sys.argv), "archive": shown, "overrides": over, "prefixes": prefixes,
+    results: dict = {"command": " ".join(sys.argv), "archive": repo_relative(path), "overrides": over, "prefixes": prefixes,
                      "rows": [], "transfer": []}
     for set_name in args.sets:
         rel, fmt, start = SETS[set_name]

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from easyedit_agrade.models.agrade import AGRADEHyperParams
     from easyedit_agrade.models.agrade.agrade_eval import accuracy, argmax_at_targets, build_probes, harmonic_mean
     from easyedit_agrade.models.agrade.archive import build_networks, find_archive, load_networks
+    from easyedit_agrade.paths import repo_relative
     from easyedit_agrade.core.preserved_stats import preserved_second_moments
     from easyedit_agrade.models.agrade.editor import AGRADEEditor, preserved_output_change
     from easyedit_agrade.paths import data_dir
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             path = str(find_archive(model, hp)) if archive == "shipped" else archive
             hp = AGRADEHyperParams.from_dict(dict(hp.to_dict(), archive=path))
             nets = load_networks(path, model, hp)
-        results["editors"][name] = {"archive": path, "overrides": over}
+        results["editors"][name] = {"archive": path and repo_relative(path), "overrides": over}
         prepared.append((name, hp, nets))
     for set_name in args.sets:
         all_recs, portability = read_set(set_name, max(args.n) * args.batches)
