@@ -664,8 +664,8 @@ def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams
                        ) -> tuple[dict[str, torch.Tensor], dict[str, PreservedKeys]]:
     """(C₀, its eigendecomposition) per edited module: C₀ from :mod:`easyedit_agrade.core.preserved_stats`
     (computed once per model and cached on disk; mixed with the record prompts' statistics when
-    ``preserved_records`` is set, :mod:`.preserved_records`), the eigendecomposition kept per model object and null-space
-    threshold in this process."""
+    ``preserved_records`` is set, :mod:`.preserved_records`), the eigendecomposition kept per model object and
+    null-space threshold in this process."""
     import weakref
 
     from .preserved_records import mixed_second_moments
