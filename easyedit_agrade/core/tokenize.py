@@ -152,7 +152,7 @@ def text_windows(tok, path, *, n_windows: int, window: int, skip: int = 0) -> to
     text = Path(path).read_text(encoding="utf-8")
     chars = max(need * 8, 4096)
     while True:
-        ids = tok(text[:chars], add_special_tokens=False)["input_ids"]
+        ids = tok(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) > need or chars >= len(text):
             break
         chars *= 2
@@ -171,7 +171,7 @@ def spread_windows(tok, path, *, n_windows: int, window: int, skip: int = 0) -> 
 
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
-    ids = tok(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tok(Path(path).read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
     slots = max(len(ids) - skip, 0) // window
     if slots < n_windows:
         raise ValueError(f"{path}: only {slots} windows of {window} tokens after the first {skip} "
