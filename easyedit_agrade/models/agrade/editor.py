@@ -668,14 +668,11 @@ def preserved_keys_for(model: nn.Module, tok, hparams: AGRADEHyperParams
     null-space threshold in this process."""
     import weakref
 
-    from .preserved_records import mixed_second_moments
+    from .preserved_records import mixed_second_moments, statistics_key
 
     names = LayerStack(model, list(hparams.inner_params)).module_names
-    settings = dict(corpus=hparams.preserved_corpus, n_tokens=int(hparams.preserved_tokens),
-                    window=int(hparams.preserved_window), root=hparams.preserved_stats_dir,
-                    records=hparams.preserved_records, records_weight=float(hparams.preserved_records_weight))
     threshold = float(hparams.null_space_threshold) if hparams.null_space else None
-    key = (id(model), tuple(names), tuple(sorted((k, str(v)) for k, v in settings.items())), threshold)
+    key = (id(model), tuple(names), statistics_key(hparams), threshold)
     stats = mixed_second_moments(model, tok, names, hparams, log=lambda s: print(f"[AGRADE] {s}", flush=True))
     hit = _PRESERVED_KEYS.get(key)
     if hit is not None and hit[0]() is model:

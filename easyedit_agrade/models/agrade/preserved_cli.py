@@ -28,14 +28,13 @@ def stats_main(argv: list[str] | None = None) -> int:
     from ...hparams import HyperParamsError, parse_set_overrides
     from ...lm import load_model_and_tokenizer
     from .agrade_hparams import AGRADEHyperParams
-    from .preserved_records import mixed_second_moments, record_text_file
+    from .preserved_records import mixed_second_moments, records_text_for
 
     torch.set_num_threads(max(1, args.threads))
     try:
         hp = AGRADEHyperParams.from_hparams(args.hparams, parse_set_overrides(args.set))
         corpus = resolve_corpus(hp.preserved_corpus)
-        mixed = hp.preserved_records is not None and hp.preserved_records_weight > 0
-        records_text = record_text_file(hp.preserved_records, hp.preserved_stats_dir) if mixed else None
+        records_text = records_text_for(hp)
     except (HyperParamsError, ValueError, FileNotFoundError) as exc:
         print(f"easyedit-agrade stats: {exc}", file=sys.stderr)
         return 2

@@ -62,20 +62,33 @@ def record_text_file(spec: str, root: str | Path | None = None) -> Path:
     return target
 
 
+def records_text_for(hparams) -> Path | None:
+    """The records' text of ``hparams`` (:func:`record_text_file`), or None when they are not mixed in
+    (``preserved_records`` null or ``preserved_records_weight`` 0)."""
+    if hparams.preserved_records is None or float(hparams.preserved_records_weight) == 0.0:
+        return None
+    return record_text_file(hparams.preserved_records, hparams.preserved_stats_dir)
+
+
+def statistics_key(hparams) -> tuple:
+    """The hparams that define C₀ (corpus, tokens, window, statistics dir, records and their weight), as a key."""
+    return (str(hparams.preserved_corpus), int(hparams.preserved_tokens), int(hparams.preserved_window),
+            str(hparams.preserved_stats_dir), str(hparams.preserved_records), float(hparams.preserved_records_weight))
+
+
 def mixed_second_moments(model: nn.Module, tok, names: Sequence[str], hparams, *, progress: bool = True,
                          log=None) -> dict[str, torch.Tensor]:
     """C₀ per module for ``hparams``: the corpus statistics, mixed with the records' when ``preserved_records`` is
     set and ``preserved_records_weight`` > 0 (otherwise exactly the corpus statistics, the same tensors)."""
     settings = dict(n_tokens=int(hparams.preserved_tokens), window=int(hparams.preserved_window),
                     root=hparams.preserved_stats_dir, progress=progress, log=log)
-    weight, spec = float(hparams.preserved_records_weight), hparams.preserved_records
-    mixed = spec is not None and weight != 0.0
-    records = record_text_file(spec, hparams.preserved_stats_dir) if mixed else None  # bad records fail first
+    records = records_text_for(hparams)  # bad records fail before any statistics are computed
     text = preserved_second_moments(model, tok, names, corpus=hparams.preserved_corpus, **settings)
     if records is None:
         return text
     try:
         questions = preserved_second_moments(model, tok, names, corpus=records, **settings)
     except ValueError as exc:
-        raise ValueError(f"{FIELD} {spec!r}: {exc}") from None
+        raise ValueError(f"{FIELD} {hparams.preserved_records!r}: {exc}") from None
+    weight = float(hparams.preserved_records_weight)
     return {n: (1.0 - weight) * text[n] + weight * questions[n] for n in names}
